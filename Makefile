@@ -1,0 +1,20 @@
+# Two entry points for a fresh clone (see README): `make demo` and `make test`.
+# Both create .venv, install torch and the build tools, and build fastlstm in place.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test demo bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install -q "torch>=2.11" numpy pybind11 ninja pytest tqdm matplotlib
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python benchmarks/bench.py --quick

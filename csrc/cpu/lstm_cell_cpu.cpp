@@ -1,0 +1,167 @@
+// The per-step pointwise kernels on the CPU: one pass over a row's gates, vectorised with
+// at::vec (SLEEF exp/tanh where the build enables AVX2), rows split across threads.
+#include "lstm_cell_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+
+#include "../fastlstm/cell_math.h"
+
+namespace fastlstm {
+
+template <class T>
+struct Math<at::vec::Vectorized<T>> {
+  using V = at::vec::Vectorized<T>;
+  static V exp(const V& x) { return x.exp(); }
+  static V tanh(const V& x) { return x.tanh(); }
+  static V clamp(const V& x, const V& c) { return at::vec::clamp(x, V(0) - c, c); }
+};
+
+namespace cpu {
+namespace {
+
+// Rows per task: enough elements that a thread's share outweighs the cost of waking it.
+int64_t row_grain(int64_t row_elems) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_elems, 1)); }
+
+template <class T>
+T lane_sum(const at::vec::Vectorized<T>& v) {
+  T buf[at::vec::Vectorized<T>::size()];
+  v.store(buf);
+  T s = 0;
+  for (T x : buf) s += x;
+  return s;
+}
+
+}  // namespace
+
+template <class T>
+void cell_forward(const ForwardCellArgs<T, T>& a) {
+  using V = at::vec::Vectorized<T>;
+  const int64_t H = a.H;
+  at::parallel_for(0, a.B, row_grain(4 * H), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      T* g = a.gates + b * 4 * H;
+      const T* cp = a.c_prev + b * H;
+      T* cn = a.c_next + b * H;
+      T* ho = a.h_out + b * H;
+      T* hs = a.h_state ? a.h_state + b * H : nullptr;
+      if (!row_live(a.lengths, b, a.t)) {
+        std::fill(g, g + 4 * H, T(0));
+        std::copy(cp, cp + H, cn);
+        std::fill(ho, ho + H, T(0));
+        if (hs) std::copy(a.h_prev + b * H, a.h_prev + (b + 1) * H, hs);
+        continue;
+      }
+      for (int64_t j = 0; j < H; j += V::size()) {
+        const int64_t n = std::min<int64_t>(V::size(), H - j);
+        V i, f, gg, o, c, h;
+        fastlstm::cell_forward(V::loadu(g + j, n), V::loadu(g + H + j, n), V::loadu(g + 2 * H + j, n),
+                               V::loadu(g + 3 * H + j, n), V::loadu(cp + j, n), i, f, gg, o, c, h);
+        i.store(g + j, n);
+        f.store(g + H + j, n);
+        gg.store(g + 2 * H + j, n);
+        o.store(g + 3 * H + j, n);
+        c.store(cn + j, n);
+        h.store(ho + j, n);
+        if (hs) h.store(hs + j, n);
+      }
+    }
+  });
+}
+
+template <class T>
+void cell_backward(const BackwardCellArgs<T, T>& a) {
+  using V = at::vec::Vectorized<T>;
+  const int64_t H = a.H, B = a.B;
+  at::parallel_for(0, B, row_grain(8 * H), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n_b = a.lengths ? a.lengths[b] : a.T;
+      T* dg = a.dgates + b * 4 * H;
+      T* dc = a.dc + b * H;
+      if (a.t >= n_b) {
+        // Padding: no gradient to the gates; the carries pass through the step untouched.
+        std::fill(dg, dg + 4 * H, T(0));
+        if (a.dh_pass && a.dh_pass != a.dh_in) std::copy(a.dh_in + b * H, a.dh_in + (b + 1) * H, a.dh_pass + b * H);
+        if (a.norm_partial) a.norm_partial[b] = a.norm_partial[B + b] = T(0);
+        continue;
+      }
+      const int kind = carry_kind(step_of_time(a.t, n_b, a.reverse), n_b, a.tbptt_chunk);
+      const T* g = a.gates + b * 4 * H;
+      const T* c = a.c + b * H;
+      const T* cp = a.c_prev + b * H;
+      const T* dy = a.dy ? a.dy + b * H : nullptr;
+      const T* dh_in = a.dh_in + b * H;
+      V sum_h(0), sum_c(0);
+      for (int64_t j = 0; j < H; j += V::size()) {
+        const int64_t n = std::min<int64_t>(V::size(), H - j);
+        V dh;
+        if (a.dh_pass) {
+          dh = receive_carry(V::loadu(dh_in + j, n), kind, a.clip_recurrent);
+          if (dy) dh = dh + V::loadu(dy + j, n);
+        } else {
+          dh = V::loadu(dh_in + j, n);
+        }
+        const V dc_in = receive_carry(V::loadu(dc + j, n), kind, a.clip_recurrent);
+        V dgi, dgf, dgg, dgo, dct, dcp;
+        fastlstm::cell_backward(V::loadu(g + j, n), V::loadu(g + H + j, n), V::loadu(g + 2 * H + j, n),
+                                V::loadu(g + 3 * H + j, n), V::loadu(c + j, n), V::loadu(cp + j, n), dh, dc_in,
+                                dgi, dgf, dgg, dgo, dct, dcp);
+        clip_gate_grad(dgi, a.clip_gates).store(dg + j, n);
+        clip_gate_grad(dgf, a.clip_gates).store(dg + H + j, n);
+        clip_gate_grad(dgg, a.clip_gates).store(dg + 2 * H + j, n);
+        clip_gate_grad(dgo, a.clip_gates).store(dg + 3 * H + j, n);
+        dcp.store(dc + j, n);
+        if (a.dh_pass) V(0).store(a.dh_pass + b * H + j, n);
+        sum_h = sum_h + dh * dh;
+        sum_c = sum_c + dct * dct;
+      }
+      if (a.norm_partial) {
+        a.norm_partial[b] = lane_sum(sum_h);
+        a.norm_partial[B + b] = lane_sum(sum_c);
+      }
+    }
+  });
+}
+
+template <class T>
+void proj_backward(const BackwardProjArgs<T, T>& a) {
+  const int64_t P = a.P;
+  at::parallel_for(0, a.B, row_grain(P), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n_b = a.lengths ? a.lengths[b] : a.T;
+      T* total = a.dr_total + b * P;
+      T* carry = a.dr_carry + b * P;
+      if (a.t >= n_b) {
+        std::fill(total, total + P, T(0));
+        continue;
+      }
+      const int kind = carry_kind(step_of_time(a.t, n_b, a.reverse), n_b, a.tbptt_chunk);
+      for (int64_t j = 0; j < P; ++j) {
+        total[j] = receive_carry(carry[j], kind, a.clip_recurrent) + (a.dy ? a.dy[b * P + j] : T(0));
+        carry[j] = T(0);
+      }
+    }
+  });
+}
+
+template <class T>
+void state_select(const StateSelectArgs<T>& a) {
+  for (int64_t b = 0; b < a.B; ++b) {
+    const T* src = row_live(a.lengths, b, a.t) ? a.y + b * a.P : a.r_prev + b * a.P;
+    std::copy(src, src + a.P, a.r_next + b * a.P);
+  }
+}
+
+#define FASTLSTM_INSTANTIATE(T)                                   \
+  template void cell_forward<T>(const ForwardCellArgs<T, T>&);    \
+  template void cell_backward<T>(const BackwardCellArgs<T, T>&);  \
+  template void proj_backward<T>(const BackwardProjArgs<T, T>&);  \
+  template void state_select<T>(const StateSelectArgs<T>&);
+FASTLSTM_INSTANTIATE(float)
+FASTLSTM_INSTANTIATE(double)
+#undef FASTLSTM_INSTANTIATE
+
+}  // namespace cpu
+}  // namespace fastlstm

@@ -1,0 +1,140 @@
+// The layer ops on the CPU: ATen GEMMs (MKL/OpenBLAS through ATen) and the fused cell kernels of
+// lstm_cell_cpu.cpp. Half types run in float and are converted at the boundary, so the cell
+// state and every accumulation are fp32 (DESIGN.md section 7).
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "../fastlstm/layer_op.h"
+#include "lstm_cell_cpu.h"
+
+namespace fastlstm::cpu {
+namespace {
+
+struct CpuPolicy {
+  // C[M, N] (+)= A[M, K] B[N, K]^T, all row-major.
+  template <class S, class C>
+  static void gemm_nt(int64_t M, int64_t N, int64_t K, const S* A, const S* B, C* out, bool accumulate) {
+    static_assert(std::is_same_v<S, C>, "the CPU path computes in one dtype");
+    const auto o = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
+    const at::Tensor a = at::from_blob(const_cast<S*>(A), {M, K}, o);
+    const at::Tensor b = at::from_blob(const_cast<S*>(B), {N, K}, o);
+    at::Tensor c = at::from_blob(out, {M, N}, o);
+    if (accumulate) {
+      c.addmm_(a, b.t());
+    } else {
+      at::mm_out(c, a, b.t());
+    }
+  }
+
+  // C[M, N] (+)= A[M, K] B[K, N], all row-major.
+  template <class S, class C>
+  static void gemm_nn(int64_t M, int64_t N, int64_t K, const S* A, const S* B, C* out, bool accumulate) {
+    static_assert(std::is_same_v<S, C>, "the CPU path computes in one dtype");
+    const auto o = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
+    const at::Tensor a = at::from_blob(const_cast<S*>(A), {M, K}, o);
+    const at::Tensor b = at::from_blob(const_cast<S*>(B), {K, N}, o);
+    at::Tensor c = at::from_blob(out, {M, N}, o);
+    if (accumulate) {
+      c.addmm_(a, b);
+    } else {
+      at::mm_out(c, a, b);
+    }
+  }
+
+  template <class S>
+  static int64_t norm_tiles(int64_t, int64_t, bool) { return 1; }
+
+  template <class S, class A>
+  static void cell_forward(const ForwardCellArgs<S, A>& a) { cpu::cell_forward<S>(a); }
+  template <class S, class A>
+  static void cell_backward(const BackwardCellArgs<S, A>& a) { cpu::cell_backward<S>(a); }
+  template <class S, class A>
+  static void proj_backward(const BackwardProjArgs<S, A>& a) { cpu::proj_backward<S>(a); }
+  template <class S>
+  static void state_select(const StateSelectArgs<S>& a) { cpu::state_select<S>(a); }
+
+  template <class S, class A>
+  static void recurrence_forward(const ChunkRecurrenceArgs<S, A>&) {
+    TORCH_CHECK(false, "fastlstm: the persistent kernel runs on CUDA only");
+  }
+  template <class S, class A>
+  static void recurrence_backward(const ChunkRecurrenceArgs<S, A>&) {
+    TORCH_CHECK(false, "fastlstm: the persistent kernel runs on CUDA only");
+  }
+};
+
+at::ScalarType compute_dtype(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+void check_backend(std::string_view backend) {
+  TORCH_CHECK(parse_backend(backend) != Backend::Persistent,
+              "fastlstm: backend='persistent' needs a CUDA device; the input is on the CPU "
+              "(use backend='auto' or 'stepwise')");
+}
+
+ForwardOut layer_forward(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& w_hr,
+                         const at::Tensor& h0, const at::Tensor& c0, const std::optional<at::Tensor>& lengths,
+                         const std::optional<at::Tensor>& /*norm_probe*/, bool reverse, int64_t checkpoint_every,
+                         int64_t tbptt_chunk, double grad_clip, c10::string_view grad_clip_mode,
+                         c10::string_view backend) {
+  check_backend(backend);
+  backward_options(tbptt_chunk, grad_clip, grad_clip_mode, false);
+  TORCH_CHECK(checkpoint_every >= 0, "fastlstm: checkpoint_every must be >= 0, got ", checkpoint_every);
+  const LayerInputs in(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths);
+  const auto dtype = x.scalar_type(), compute = compute_dtype(dtype);
+  const LayerInputs ci = in.cast(compute);
+  ForwardOut out = compute == at::kDouble ? forward_typed<CpuPolicy, double>(ci, reverse, checkpoint_every, false)
+                                          : forward_typed<CpuPolicy, float>(ci, reverse, checkpoint_every, false);
+  if (compute != dtype) {
+    std::get<0>(out) = std::get<0>(out).to(dtype);
+    std::get<1>(out) = std::get<1>(out).to(dtype);
+    std::get<2>(out) = std::get<2>(out).to(dtype);
+    std::get<5>(out) = std::get<5>(out).to(dtype);
+  }
+  return out;
+}
+
+BackwardOut layer_backward(const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h_n,
+                           const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x, const at::Tensor& w_ih,
+                           const at::Tensor& w_hh, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& w_hr, const at::Tensor& h0, const at::Tensor& c0,
+                           const std::optional<at::Tensor>& lengths, const at::Tensor& y,
+                           const at::Tensor& saved_gates, const at::Tensor& saved_c, const at::Tensor& saved_r,
+                           bool reverse, int64_t checkpoint_every, int64_t tbptt_chunk, double grad_clip,
+                           c10::string_view grad_clip_mode, bool record_norms, c10::string_view backend) {
+  check_backend(backend);
+  const BackwardOptions opts = backward_options(tbptt_chunk, grad_clip, grad_clip_mode, record_norms);
+  const LayerInputs in(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths);
+  const auto dtype = x.scalar_type(), compute = compute_dtype(dtype);
+  const LayerInputs ci = in.cast(compute);
+  const at::Tensor dy = contiguous_as(grad_y, compute), dh = contiguous_as(grad_h_n, compute),
+                   dc = contiguous_as(grad_c_n, compute);
+  const at::Tensor yc = y.to(compute).contiguous(), rc = saved_r.to(compute).contiguous();
+  const at::Tensor gc = saved_gates.contiguous(), cc = saved_c.contiguous();
+  BackwardOut out = compute == at::kDouble
+                        ? backward_typed<CpuPolicy, double>(ci, dy, dh, dc, yc, gc, cc, rc, reverse,
+                                                            checkpoint_every, false, opts)
+                        : backward_typed<CpuPolicy, float>(ci, dy, dh, dc, yc, gc, cc, rc, reverse,
+                                                           checkpoint_every, false, opts);
+  if (compute != dtype) {
+    std::get<0>(out) = std::get<0>(out).to(dtype);
+    std::get<1>(out) = std::get<1>(out).to(dtype);
+    std::get<2>(out) = std::get<2>(out).to(dtype);
+    std::get<3>(out) = std::get<3>(out).to(dtype);
+    std::get<4>(out) = std::get<4>(out).to(dtype);
+    std::get<5>(out) = std::get<5>(out).to(dtype);
+    std::get<6>(out) = std::get<6>(out).to(dtype);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace fastlstm::cpu
+
+TORCH_LIBRARY_IMPL(fastlstm, CPU, m) {
+  m.impl("layer_forward", &fastlstm::cpu::layer_forward);
+  m.impl("layer_backward", &fastlstm::cpu::layer_backward);
+}

@@ -1,0 +1,117 @@
+// The layer ops on CUDA: the shared driver with cuBLAS GEMMs and the CUDA pointwise kernels
+// (backend "stepwise"), or the persistent kernels for the recurrence (backend "persistent").
+// Everything runs on the current stream of the input's device, workspaces come from the
+// caching allocator, and nothing synchronises with the host.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../fastlstm/layer_op.h"
+#include "cublas_gemm.h"
+#include "lstm_cell_cuda.h"
+#include "lstm_persistent_cuda.h"
+#include "persistent_support.h"
+
+namespace fastlstm::cuda {
+namespace {
+
+struct CudaPolicy {
+  template <class S, class C>
+  static void gemm_nt(int64_t M, int64_t N, int64_t K, const S* A, const S* B, C* out, bool accumulate) {
+    cuda::gemm_nt<S, C>(M, N, K, A, B, out, accumulate);
+  }
+  template <class S, class C>
+  static void gemm_nn(int64_t M, int64_t N, int64_t K, const S* A, const S* B, C* out, bool accumulate) {
+    cuda::gemm_nn<S, C>(M, N, K, A, B, out, accumulate);
+  }
+  template <class S>
+  static int64_t norm_tiles(int64_t H, int64_t B, bool persistent) {
+    if (!persistent) return cell_norm_tiles(H);
+    const PersistentPlan plan =
+        persistent_plan(H, B, c10::CppTypeToScalarType<S>::value, c10::cuda::current_device(), true);
+    return std::max(plan.blocks, 1);
+  }
+  template <class S, class A>
+  static void cell_forward(const ForwardCellArgs<S, A>& a) { cuda::cell_forward<S, A>(a); }
+  template <class S, class A>
+  static void cell_backward(const BackwardCellArgs<S, A>& a) { cuda::cell_backward<S, A>(a); }
+  template <class S, class A>
+  static void proj_backward(const BackwardProjArgs<S, A>& a) { cuda::proj_backward<S, A>(a); }
+  template <class S>
+  static void state_select(const StateSelectArgs<S>& a) { cuda::state_select<S>(a); }
+  template <class S, class A>
+  static void recurrence_forward(const ChunkRecurrenceArgs<S, A>& a) { persistent_forward<S, A>(a); }
+  template <class S, class A>
+  static void recurrence_backward(const ChunkRecurrenceArgs<S, A>& a) { persistent_backward<S, A>(a); }
+};
+
+// "auto" runs the stepwise kernels until the persistent ones have been validated on a GPU;
+// "persistent" runs them where they can, and says why not otherwise.
+bool use_persistent(std::string_view backend, const LayerInputs& in) {
+  if (parse_backend(backend) != Backend::Persistent) return false;
+  const auto [ok, reason] = persistent_support(in.hidden_size(), in.x.size(1), in.x.scalar_type(),
+                                               in.w_hr.defined() ? in.w_hr.size(0) : 0, in.x.get_device());
+  TORCH_CHECK(ok, "fastlstm: backend='persistent' cannot run this layer: ", reason);
+  return true;
+}
+
+ForwardOut layer_forward(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& w_hr,
+                         const at::Tensor& h0, const at::Tensor& c0, const std::optional<at::Tensor>& lengths,
+                         const std::optional<at::Tensor>& /*norm_probe*/, bool reverse, int64_t checkpoint_every,
+                         int64_t tbptt_chunk, double grad_clip, c10::string_view grad_clip_mode,
+                         c10::string_view backend) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  backward_options(tbptt_chunk, grad_clip, grad_clip_mode, false);
+  TORCH_CHECK(checkpoint_every >= 0, "fastlstm: checkpoint_every must be >= 0, got ", checkpoint_every);
+  const LayerInputs in = LayerInputs(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths).cast(x.scalar_type());
+  const bool persistent = use_persistent(backend, in);
+  ForwardOut out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastlstm_layer_forward_cuda", [&] {
+    out = forward_typed<CudaPolicy, scalar_t>(in, reverse, checkpoint_every, persistent);
+  });
+  return out;
+}
+
+BackwardOut layer_backward(const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h_n,
+                           const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x, const at::Tensor& w_ih,
+                           const at::Tensor& w_hh, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& w_hr, const at::Tensor& h0, const at::Tensor& c0,
+                           const std::optional<at::Tensor>& lengths, const at::Tensor& y,
+                           const at::Tensor& saved_gates, const at::Tensor& saved_c, const at::Tensor& saved_r,
+                           bool reverse, int64_t checkpoint_every, int64_t tbptt_chunk, double grad_clip,
+                           c10::string_view grad_clip_mode, bool record_norms, c10::string_view backend) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const BackwardOptions opts = backward_options(tbptt_chunk, grad_clip, grad_clip_mode, record_norms);
+  const auto dtype = x.scalar_type();
+  const LayerInputs in = LayerInputs(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths).cast(dtype);
+  const bool persistent = use_persistent(backend, in);
+  const at::Tensor dy = contiguous_as(grad_y, dtype), dh = contiguous_as(grad_h_n, dtype),
+                   dc = contiguous_as(grad_c_n, dtype);
+  BackwardOut out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastlstm_layer_backward_cuda", [&] {
+    out = backward_typed<CudaPolicy, scalar_t>(in, dy, dh, dc, y.contiguous(), saved_gates.contiguous(),
+                                               saved_c.contiguous(), saved_r.contiguous(), reverse,
+                                               checkpoint_every, persistent, opts);
+  });
+  return out;
+}
+
+}  // namespace
+
+std::tuple<bool, std::string> persistent_support(int64_t hidden_size, int64_t batch, c10::ScalarType dtype,
+                                                 int64_t proj_size, int64_t device) {
+  if (proj_size > 0) return {false, "the persistent kernel does not support proj_size > 0"};
+  const PersistentPlan fwd = persistent_plan(hidden_size, batch, dtype, static_cast<int>(device), false);
+  if (!fwd.ok) return {false, fwd.reason};
+  const PersistentPlan bwd = persistent_plan(hidden_size, batch, dtype, static_cast<int>(device), true);
+  if (!bwd.ok) return {false, bwd.reason};
+  return {true, fwd.reason};
+}
+
+}  // namespace fastlstm::cuda
+
+TORCH_LIBRARY_IMPL(fastlstm, CUDA, m) {
+  m.impl("layer_forward", &fastlstm::cuda::layer_forward);
+  m.impl("layer_backward", &fastlstm::cuda::layer_backward);
+}

@@ -1,0 +1,15 @@
+// Whether the persistent kernels can run a layer on a device (for the op and fastlstm.explain).
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <string>
+#include <tuple>
+
+namespace fastlstm::cuda {
+
+std::tuple<bool, std::string> persistent_support(int64_t hidden_size, int64_t batch, c10::ScalarType dtype,
+                                                 int64_t proj_size, int64_t device);
+
+}  // namespace fastlstm::cuda

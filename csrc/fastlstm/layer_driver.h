@@ -1,0 +1,386 @@
+// One layer-direction of an LSTM over a whole sequence: the orchestration shared by every device.
+//
+// The driver arranges buffers, runs the input projection as one GEMM per chunk of steps, walks the
+// recurrence step by step (a GEMM plus one fused pointwise kernel per step), and computes the
+// weight and input gradients as large GEMMs after the loop (DESIGN.md sections 2-4). What runs on
+// the device comes from the Policy: its GEMMs and its pointwise kernels, or, for the persistent
+// CUDA kernel, the whole recurrence of a chunk.
+//
+// Layout: everything is time-major and row-major. x (T, B, I), y (T, B, K) with K = P (proj_size)
+// or H, gates (T, B, 4H). "Steps" count in processing order (s = t forward, s = T-1-t reverse);
+// "times" index the tensors.
+//
+// Memory modes: with checkpoint_every = 0 the forward saves the activated gates and the cell
+// state of every step. With checkpoint_every = k it saves only the state (r, c) at the start of
+// every k-step chunk; the backward recomputes each chunk's gates from its checkpoint, so the
+// activation memory is O(T/k + k) instead of O(T) and the results are the same.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include "buffers.h"
+#include "cell_math.h"
+#include "step_args.h"
+
+namespace fastlstm {
+
+struct LayerForwardResult {
+  at::Tensor y, h_n, c_n, saved_gates, saved_c, saved_r;
+};
+
+struct LayerBackwardResult {
+  at::Tensor dx, dw_ih, dw_hh, dbias, dw_hr, dh0, dc0, norms;
+};
+
+template <class Policy, class scalar_t>
+class LayerDriver {
+ public:
+  using acc_t = at::opmath_type<scalar_t>;
+
+  // All tensors contiguous, on one device, of dtype scalar_t (lengths: int64, same device).
+  LayerDriver(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
+              const at::Tensor& bias, const at::Tensor& w_hr, const at::Tensor& lengths,
+              bool reverse, int64_t checkpoint_every, bool persistent)
+      : x_(x), w_ih_(w_ih), w_hh_(w_hh), bias_(bias), w_hr_(w_hr), lengths_(lengths),
+        reverse_(reverse), persistent_(persistent),
+        T_(x.size(0)), B_(x.size(1)), I_(x.size(2)), H_(w_hh.size(0) / 4),
+        K_(w_hh.size(1)), proj_(w_hr.defined()),
+        chunk_(checkpoint_every > 0 ? std::min(checkpoint_every, x.size(0)) : x.size(0)),
+        nchunks_((T_ + chunk_ - 1) / chunk_),
+        checkpointing_(checkpoint_every > 0),
+        acc_type_(c10::CppTypeToScalarType<acc_t>::value), acc_opts_(x.options().dtype(acc_type_)) {}
+
+  LayerForwardResult forward(const at::Tensor& h0, const at::Tensor& c0) {
+    LayerForwardResult out;
+    out.y = new_buffer({T_, B_, K_}, x_.options());
+    const at::Tensor c0_acc = c0.to(acc_type_).contiguous();
+    if (!checkpointing_) {
+      out.saved_gates = new_buffer({T_, B_, 4 * H_}, acc_opts_);
+      out.saved_c = new_buffer({T_, B_, H_}, acc_opts_);
+      out.saved_r = masked() ? new_buffer({T_, B_, K_}, x_.options()) : at::empty({0}, x_.options());
+      Storage st = full_storage(out.y, out.saved_gates, out.saved_c, out.saved_r);
+      chunk_forward(0, T_, st, h0.data_ptr<scalar_t>(), c0_acc.data_ptr<acc_t>());
+      const int64_t last = time_of(T_ - 1);
+      out.h_n = slot_tensor(st.r, last, st.tlo, K_, x_.options()).clone();
+      out.c_n = slot_tensor(st.c, last, st.tlo, H_, acc_opts_).to(x_.scalar_type(), false, /*copy=*/true);
+      return out;
+    }
+    // Checkpointing: chunk-sized work buffers, the state saved at the start of every chunk.
+    out.saved_gates = at::empty({0}, acc_opts_);
+    out.saved_r = new_buffer({nchunks_, B_, K_}, x_.options());
+    out.saved_c = new_buffer({nchunks_, B_, H_}, acc_opts_);
+    out.saved_r[0].copy_(h0);
+    out.saved_c[0].copy_(c0_acc);
+    Workspace ws = chunk_workspace();
+    for (int64_t ci = 0; ci < nchunks_; ++ci) {
+      const int64_t s0 = ci * chunk_, n = std::min(chunk_, T_ - s0);
+      Storage st = chunk_storage(ws, s0, n, out.y.data_ptr<scalar_t>() + block_start(s0, n) * B_ * K_);
+      chunk_forward(s0, n, st, out.saved_r[ci].data_ptr<scalar_t>(), out.saved_c[ci].data_ptr<acc_t>());
+      const int64_t last = time_of(s0 + n - 1);
+      at::Tensor r_last = slot_tensor(st.r, last, st.tlo, K_, x_.options());
+      at::Tensor c_last = slot_tensor(st.c, last, st.tlo, H_, acc_opts_);
+      if (ci + 1 < nchunks_) {
+        out.saved_r[ci + 1].copy_(r_last);
+        out.saved_c[ci + 1].copy_(c_last);
+      } else {
+        out.h_n = r_last.clone();
+        out.c_n = c_last.to(x_.scalar_type(), false, /*copy=*/true);
+      }
+    }
+    return out;
+  }
+
+  LayerBackwardResult backward(const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& dc_n,
+                               const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& y,
+                               const at::Tensor& saved_gates, const at::Tensor& saved_c,
+                               const at::Tensor& saved_r, const BackwardOptions& opts) {
+    LayerBackwardResult out;
+    const at::Tensor c0_acc = c0.to(acc_type_).contiguous();
+    at::Tensor carry_h = dh_n.defined() ? dh_n.to(acc_type_).contiguous().clone()
+                                        : at::zeros({B_, K_}, acc_opts_);
+    at::Tensor carry_c = dc_n.defined() ? dc_n.to(acc_type_).contiguous().clone()
+                                        : at::zeros({B_, H_}, acc_opts_);
+    const int64_t tiles = Policy::template norm_tiles<scalar_t>(H_, B_, persistent_);
+    at::Tensor norm_partial =
+        opts.record_norms ? new_buffer({T_, 2, B_, tiles}, acc_opts_) : at::Tensor();
+    at::Tensor dh_ws = proj_ ? new_buffer({B_, H_}, acc_opts_) : at::Tensor();
+    out.dx = new_buffer({T_, B_, I_}, x_.options());
+
+    // Gate gradients (and dL/dr_t for projections) for one chunk at a time, or for all of T.
+    at::Tensor dgates = new_buffer({chunk_, B_, 4 * H_}, x_.options());
+    at::Tensor dr = proj_ ? new_buffer({chunk_, B_, K_}, x_.options()) : at::Tensor();
+    Workspace ws = checkpointing_ ? chunk_workspace() : Workspace{};
+    at::Tensor dw_ih, dw_hh, dbias, dw_hr;
+
+    for (int64_t ci = nchunks_ - 1; ci >= 0; --ci) {
+      const int64_t s0 = ci * chunk_, n = std::min(chunk_, T_ - s0), tlo = block_start(s0, n);
+      Storage st;
+      const scalar_t* r_init;
+      const acc_t* c_init;
+      if (checkpointing_) {
+        st = chunk_storage(ws, s0, n, ws.y.template data_ptr<scalar_t>());
+        r_init = saved_r[ci].data_ptr<scalar_t>();
+        c_init = saved_c[ci].data_ptr<acc_t>();
+        chunk_forward(s0, n, st, r_init, c_init);
+      } else {
+        st = full_storage(y, saved_gates, saved_c, saved_r);
+        r_init = h0.data_ptr<scalar_t>();
+        c_init = c0_acc.data_ptr<acc_t>();
+      }
+      scalar_t* dg_base = dgates.data_ptr<scalar_t>();
+      scalar_t* dr_base = proj_ ? dr.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* dy_ptr = dy.defined() ? dy.data_ptr<scalar_t>() : nullptr;
+      acc_t* norm_ptr = opts.record_norms ? norm_partial.data_ptr<acc_t>() : nullptr;
+
+      if (persistent_) {
+        ChunkRecurrenceArgs<scalar_t, acc_t> a = recurrence_args(st, s0, n, r_init, c_init);
+        a.dy = dy_ptr;
+        a.dgates = dg_base;
+        a.carry_h = carry_h.data_ptr<acc_t>();
+        a.carry_c = carry_c.data_ptr<acc_t>();
+        a.norm_partial = norm_ptr;
+        a.opts = opts;
+        Policy::recurrence_backward(a);
+      } else {
+        for (int64_t i = n - 1; i >= 0; --i) {
+          const int64_t s = s0 + i, t = time_of(s), slot = t - tlo;
+          const acc_t* c_prev = i == 0 ? c_init : st.c + (time_of(s - 1) - tlo) * B_ * H_;
+          BackwardCellArgs<scalar_t, acc_t> a{};
+          a.gates = st.gates + slot * B_ * 4 * H_;
+          a.c = st.c + slot * B_ * H_;
+          a.c_prev = c_prev;
+          a.dc = carry_c.data_ptr<acc_t>();
+          a.dgates = dg_base + slot * B_ * 4 * H_;
+          a.norm_partial = norm_ptr ? norm_ptr + t * 2 * B_ * tiles : nullptr;
+          a.lengths = lengths_ptr();
+          a.t = t;
+          a.T = T_;
+          a.B = B_;
+          a.H = H_;
+          a.reverse = reverse_;
+          a.tbptt_chunk = opts.tbptt_chunk;
+          a.clip_recurrent = static_cast<acc_t>(opts.clip_recurrent);
+          a.clip_gates = static_cast<acc_t>(opts.clip_gates);
+          if (proj_) {
+            BackwardProjArgs<scalar_t, acc_t> p{};
+            p.dy = dy_ptr ? dy_ptr + t * B_ * K_ : nullptr;
+            p.dr_carry = carry_h.data_ptr<acc_t>();
+            p.dr_total = dr_base + slot * B_ * K_;
+            p.lengths = lengths_ptr();
+            p.t = t;
+            p.T = T_;
+            p.B = B_;
+            p.P = K_;
+            p.reverse = reverse_;
+            p.tbptt_chunk = opts.tbptt_chunk;
+            p.clip_recurrent = a.clip_recurrent;
+            Policy::proj_backward(p);
+            Policy::template gemm_nn<scalar_t, acc_t>(B_, H_, K_, p.dr_total, w_hr_.data_ptr<scalar_t>(),
+                                                      dh_ws.data_ptr<acc_t>(), false);
+            a.dy = nullptr;
+            a.dh_in = dh_ws.data_ptr<acc_t>();
+            a.dh_pass = nullptr;
+          } else {
+            a.dy = dy_ptr ? dy_ptr + t * B_ * K_ : nullptr;
+            a.dh_in = carry_h.data_ptr<acc_t>();
+            a.dh_pass = carry_h.data_ptr<acc_t>();
+          }
+          Policy::cell_backward(a);
+          // The carry step t sends back: dG_t W_hh, added to what skipped the step.
+          Policy::template gemm_nn<scalar_t, acc_t>(B_, K_, 4 * H_, a.dgates, w_hh_.data_ptr<scalar_t>(),
+                                                    carry_h.data_ptr<acc_t>(), true);
+        }
+      }
+
+      // Weight and input gradients of the chunk as large GEMMs.
+      const at::Tensor dg = dgates.narrow(0, 0, n).view({n * B_, 4 * H_});
+      const at::Tensor xc = x_.narrow(0, tlo, n).view({n * B_, I_});
+      out.dx.narrow(0, tlo, n).view({n * B_, I_}).copy_(at::mm(dg, w_ih_));
+      accumulate(dw_ih, at::mm(dg.t(), xc));
+      if (bias_.defined()) accumulate(dbias, dg.sum(0, false, acc_type_));
+      const at::Tensor r_blk = slot_range(st.r, tlo, tlo, n, K_, x_.options());
+      const at::Tensor r0 = at::from_blob(const_cast<scalar_t*>(r_init), {B_, K_}, x_.options());
+      const at::Tensor dg3 = dgates.narrow(0, 0, n);
+      // dW_hh = sum_t dG_t^T r_{t-1}; the first processed step reads the chunk's initial state.
+      const int64_t first = reverse_ ? n - 1 : 0;
+      at::Tensor part = at::mm(dg3[first].t(), r0);
+      if (n > 1) {
+        const at::Tensor dg_rest = reverse_ ? dg3.narrow(0, 0, n - 1) : dg3.narrow(0, 1, n - 1);
+        const at::Tensor r_prev = reverse_ ? r_blk.narrow(0, 1, n - 1) : r_blk.narrow(0, 0, n - 1);
+        part.addmm_(dg_rest.reshape({(n - 1) * B_, 4 * H_}).t(), r_prev.reshape({(n - 1) * B_, K_}));
+      }
+      accumulate(dw_hh, part);
+      if (proj_) {
+        const at::Tensor g_blk = slot_range(st.gates, tlo, tlo, n, 4 * H_, acc_opts_);
+        const at::Tensor c_blk = slot_range(st.c, tlo, tlo, n, H_, acc_opts_);
+        const at::Tensor h_blk = (g_blk.narrow(2, 3 * H_, H_) * c_blk.tanh()).to(x_.scalar_type());
+        accumulate(dw_hr, at::mm(dr.narrow(0, 0, n).view({n * B_, K_}).t(), h_blk.view({n * B_, H_})));
+      }
+    }
+
+    const auto dtype = x_.scalar_type();
+    out.dw_ih = dw_ih.to(dtype);
+    out.dw_hh = dw_hh.to(dtype);
+    out.dbias = bias_.defined() ? dbias.to(dtype) : at::empty({0}, x_.options());
+    out.dw_hr = proj_ ? dw_hr.to(dtype) : at::empty({0}, x_.options());
+    // Step 0 sends its carry to the initial state: clipped like any other step, never cut.
+    if (opts.clip_recurrent > 0) {
+      carry_h.clamp_(-opts.clip_recurrent, opts.clip_recurrent);
+      carry_c.clamp_(-opts.clip_recurrent, opts.clip_recurrent);
+    }
+    out.dh0 = carry_h.to(dtype);
+    out.dc0 = carry_c.to(dtype);
+    out.norms = opts.record_norms ? norm_partial.sum({2, 3}).sqrt_().t().contiguous()
+                                  : at::empty({0}, acc_opts_);
+    return out;
+  }
+
+ private:
+  // Per-step slots of one chunk: slot(t) = base + (t - tlo) * row.
+  struct Storage {
+    acc_t* gates = nullptr;
+    acc_t* c = nullptr;
+    scalar_t* r = nullptr;
+    scalar_t* y = nullptr;
+    int64_t tlo = 0;
+  };
+  struct Workspace {
+    at::Tensor gates, c, r, y;
+  };
+
+  bool masked() const { return lengths_.defined(); }
+  const int64_t* lengths_ptr() const { return masked() ? lengths_.data_ptr<int64_t>() : nullptr; }
+  int64_t time_of(int64_t s) const { return reverse_ ? T_ - 1 - s : s; }
+  // First time index of the block covered by processing steps [s0, s0 + n).
+  int64_t block_start(int64_t s0, int64_t n) const { return reverse_ ? T_ - s0 - n : s0; }
+
+  // Views of slots [t, t + n) of a chunk buffer whose slot 0 holds time tlo.
+  template <class P>
+  at::Tensor slot_range(P* base, int64_t t, int64_t tlo, int64_t n, int64_t width, at::TensorOptions o) const {
+    return at::from_blob(base + (t - tlo) * B_ * width, {n, B_, width}, o);
+  }
+  template <class P>
+  at::Tensor slot_tensor(P* base, int64_t t, int64_t tlo, int64_t width, at::TensorOptions o) const {
+    return at::from_blob(base + (t - tlo) * B_ * width, {B_, width}, o);
+  }
+
+  Storage full_storage(const at::Tensor& y, const at::Tensor& gates, const at::Tensor& c, const at::Tensor& r) const {
+    Storage st;
+    st.gates = gates.data_ptr<acc_t>();
+    st.c = c.data_ptr<acc_t>();
+    st.y = y.data_ptr<scalar_t>();
+    st.r = masked() ? r.data_ptr<scalar_t>() : st.y;
+    st.tlo = 0;
+    return st;
+  }
+
+  Workspace chunk_workspace() const {
+    Workspace ws;
+    ws.gates = new_buffer({chunk_, B_, 4 * H_}, acc_opts_);
+    ws.c = new_buffer({chunk_, B_, H_}, acc_opts_);
+    ws.y = new_buffer({chunk_, B_, K_}, x_.options());
+    ws.r = masked() ? new_buffer({chunk_, B_, K_}, x_.options()) : at::Tensor();
+    return ws;
+  }
+
+  // y_base: the y slot of the block's first time (the layer output in the forward, a scratch
+  // buffer when the backward recomputes a chunk).
+  Storage chunk_storage(const Workspace& ws, int64_t s0, int64_t n, scalar_t* y_base) const {
+    Storage st;
+    st.gates = ws.gates.template data_ptr<acc_t>();
+    st.c = ws.c.template data_ptr<acc_t>();
+    st.y = y_base;
+    st.r = masked() ? ws.r.template data_ptr<scalar_t>() : y_base;
+    st.tlo = block_start(s0, n);
+    return st;
+  }
+
+  ChunkRecurrenceArgs<scalar_t, acc_t> recurrence_args(const Storage& st, int64_t s0, int64_t n,
+                                                       const scalar_t* r_init, const acc_t* c_init) const {
+    ChunkRecurrenceArgs<scalar_t, acc_t> a{};
+    a.gates = st.gates;
+    a.c = st.c;
+    a.r = st.r;
+    a.y = st.y;
+    a.w_hh = w_hh_.data_ptr<scalar_t>();
+    a.r_init = r_init;
+    a.c_init = c_init;
+    a.lengths = lengths_ptr();
+    a.s0 = s0;
+    a.n = n;
+    a.tlo = st.tlo;
+    a.T = T_;
+    a.B = B_;
+    a.H = H_;
+    a.reverse = reverse_;
+    return a;
+  }
+
+  // Runs processing steps [s0, s0 + n) into the chunk's slots, from state (r_init, c_init).
+  void chunk_forward(int64_t s0, int64_t n, const Storage& st, const scalar_t* r_init, const acc_t* c_init) {
+    const int64_t tlo = st.tlo;
+    // Input projection of the whole block: gates = b_ih + b_hh + x W_ih^T.
+    if (bias_.defined()) {
+      at::from_blob(st.gates, {n * B_, 4 * H_}, acc_opts_).copy_(bias_.unsqueeze(0));
+    }
+    Policy::template gemm_nt<scalar_t, acc_t>(n * B_, 4 * H_, I_, x_.data_ptr<scalar_t>() + tlo * B_ * I_,
+                                              w_ih_.data_ptr<scalar_t>(), st.gates, bias_.defined());
+    if (persistent_) {
+      Policy::recurrence_forward(recurrence_args(st, s0, n, r_init, c_init));
+      return;
+    }
+    at::Tensor hbuf = proj_ ? new_buffer({B_, H_}, x_.options()) : at::Tensor();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t s = s0 + i, t = time_of(s), slot = t - tlo;
+      const int64_t prev = i == 0 ? -1 : time_of(s - 1) - tlo;
+      const scalar_t* r_prev = prev < 0 ? r_init : st.r + prev * B_ * K_;
+      const acc_t* c_prev = prev < 0 ? c_init : st.c + prev * B_ * H_;
+      acc_t* gates = st.gates + slot * B_ * 4 * H_;
+      scalar_t* y_t = st.y + slot * B_ * K_;
+      scalar_t* r_t = st.r + slot * B_ * K_;
+      Policy::template gemm_nt<scalar_t, acc_t>(B_, 4 * H_, K_, r_prev, w_hh_.data_ptr<scalar_t>(), gates, true);
+      ForwardCellArgs<scalar_t, acc_t> a{};
+      a.gates = gates;
+      a.c_prev = c_prev;
+      a.c_next = st.c + slot * B_ * H_;
+      a.h_prev = r_prev;
+      a.h_out = proj_ ? hbuf.data_ptr<scalar_t>() : y_t;
+      a.h_state = (!proj_ && masked()) ? r_t : nullptr;
+      a.lengths = lengths_ptr();
+      a.t = t;
+      a.B = B_;
+      a.H = H_;
+      Policy::cell_forward(a);
+      if (proj_) {
+        Policy::template gemm_nt<scalar_t, scalar_t>(B_, K_, H_, a.h_out, w_hr_.data_ptr<scalar_t>(), y_t, false);
+        if (masked()) Policy::state_select(StateSelectArgs<scalar_t>{y_t, r_prev, r_t, lengths_ptr(), t, B_, K_});
+      }
+    }
+  }
+
+  void accumulate(at::Tensor& total, const at::Tensor& part) const {
+    if (!total.defined()) {
+      total = part;
+    } else {
+      if (total.scalar_type() != acc_type_) total = total.to(acc_type_);
+      total.add_(part);
+    }
+  }
+
+  const at::Tensor x_, w_ih_, w_hh_, bias_, w_hr_, lengths_;
+  const bool reverse_, persistent_;
+  const int64_t T_, B_, I_, H_, K_;
+  const bool proj_;
+  const int64_t chunk_, nchunks_;
+  const bool checkpointing_;
+  const at::ScalarType acc_type_;
+  const at::TensorOptions acc_opts_;
+};
+
+}  // namespace fastlstm

@@ -1,0 +1,60 @@
+"""Which kernel runs a call, and why (``fastlstm.explain``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _extension
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The kernel a call would use: ``backend`` is 'cpu', 'stepwise' or 'persistent'."""
+
+    backend: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.backend}: {self.reason}"
+
+
+def persistent_support(hidden_size: int, batch: int, dtype: torch.dtype, device: torch.device,
+                       proj_size: int = 0) -> tuple[bool, str]:
+    """Whether the persistent CUDA kernel can run this layer on ``device``, and why not."""
+    if device.type != "cuda":
+        return False, "the persistent kernel is CUDA only"
+    if not _extension.cuda_compiled():
+        return False, "this build has no CUDA kernels"
+    if proj_size > 0:
+        return False, "the persistent kernel does not support proj_size > 0"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ok, reason = _extension._C.persistent_support(hidden_size, batch, str(dtype).replace("torch.", ""), index)
+    return bool(ok), str(reason)
+
+
+def plan(module: torch.nn.Module, input: torch.Tensor, backend: str | None = None) -> Plan:
+    """The kernel ``module`` would use for ``input`` (a tensor, or the data of a PackedSequence)."""
+    options = getattr(module, "options")
+    requested = backend or options.backend
+    device = input.device
+    if device.type == "cpu":
+        if requested == "persistent":
+            return Plan("error", "backend='persistent' needs a CUDA device")
+        return Plan("cpu", f"fused C++ kernels ({_extension.cpu_capability()}): one GEMM and one fused cell pass "
+                           "per step, weight gradients as large GEMMs after the loop")
+    batch = input.size(1 if input.dim() == 3 and not getattr(module, "batch_first", False) else 0)
+    ok, reason = persistent_support(module.hidden_size, batch, input.dtype, device, getattr(module, "proj_size", 0))
+    if requested == "stepwise":
+        return Plan("stepwise", "requested: cuBLAS GEMM + fused cell kernel per step")
+    if requested == "persistent":
+        return Plan("persistent" if ok else "error", reason)
+    return Plan("stepwise", "auto picks the stepwise kernels until the persistent kernel has been validated on a "
+                            f"GPU (persistent: {reason})")
+
+
+def explain(module: torch.nn.Module, input: torch.Tensor, backend: str | None = None) -> str:
+    """A one-line description of the kernel ``module`` would use for ``input``."""
+    data = input.data if isinstance(input, torch.nn.utils.rnn.PackedSequence) else input
+    return str(plan(module, data, backend))

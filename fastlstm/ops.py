@@ -1,0 +1,117 @@
+"""The fastlstm ops: fake (shape) kernels, autograd, and the Python entry point of one layer.
+
+The schemas and the device kernels live in C++ (csrc/ops.cpp, csrc/cpu, csrc/cuda); this file
+teaches torch.library how to trace the ops (``register_fake``) and differentiate them
+(``register_autograd``), so ``torch.compile`` sees one op per layer and direction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import _extension  # noqa: F401  (loads the library)
+
+_layer_forward = torch.ops.fastlstm.layer_forward.default
+_layer_backward = torch.ops.fastlstm.layer_backward.default
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fastlstm::layer_forward")
+def _layer_forward_fake(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, norm_probe, reverse,
+                        checkpoint_every, tbptt_chunk, grad_clip, grad_clip_mode, backend):
+    T, B, _ = x.shape
+    H, K = w_hh.shape[0] // 4, w_hh.shape[1]
+    acc = _acc_dtype(x.dtype)
+    y = x.new_empty((T, B, K))
+    h_n = x.new_empty((B, K))
+    c_n = x.new_empty((B, H))
+    if checkpoint_every > 0:
+        chunks = math.ceil(T / min(checkpoint_every, T))
+        gates = x.new_empty((0,), dtype=acc)
+        saved_c = x.new_empty((chunks, B, H), dtype=acc)
+        saved_r = x.new_empty((chunks, B, K))
+    else:
+        gates = x.new_empty((T, B, 4 * H), dtype=acc)
+        saved_c = x.new_empty((T, B, H), dtype=acc)
+        saved_r = x.new_empty((T, B, K) if lengths is not None else (0,))
+    return y, h_n, c_n, gates, saved_c, saved_r
+
+
+@torch.library.register_fake("fastlstm::layer_backward")
+def _layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, y,
+                         saved_gates, saved_c, saved_r, reverse, checkpoint_every, tbptt_chunk,
+                         grad_clip, grad_clip_mode, record_norms, backend):
+    T = x.shape[0]
+    return (
+        torch.empty_like(x),
+        torch.empty_like(w_ih),
+        torch.empty_like(w_hh),
+        torch.empty_like(bias) if bias is not None else x.new_empty((0,)),
+        torch.empty_like(w_hr) if w_hr is not None else x.new_empty((0,)),
+        torch.empty_like(h0),
+        torch.empty_like(c0),
+        x.new_empty((2, T) if record_norms else (0,), dtype=_acc_dtype(x.dtype)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    (x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, norm_probe, reverse, checkpoint_every,
+     tbptt_chunk, grad_clip, grad_clip_mode, backend) = inputs
+    y, _, _, saved_gates, saved_c, saved_r = output
+    ctx.save_for_backward(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, y, saved_gates, saved_c, saved_r)
+    ctx.options = (reverse, checkpoint_every, tbptt_chunk, grad_clip, grad_clip_mode)
+    ctx.backend = backend
+    ctx.record_norms = norm_probe is not None
+    ctx.mark_non_differentiable(saved_gates, saved_c, saved_r)
+
+
+def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
+    x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, y, saved_gates, saved_c, saved_r = ctx.saved_tensors
+    reverse, checkpoint_every, tbptt_chunk, grad_clip, grad_clip_mode = ctx.options
+    dx, dw_ih, dw_hh, dbias, dw_hr, dh0, dc0, norms = _layer_backward(
+        grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, y, saved_gates,
+        saved_c, saved_r, reverse, checkpoint_every, tbptt_chunk, grad_clip, grad_clip_mode,
+        ctx.record_norms, ctx.backend)
+    return (dx, dw_ih, dw_hh, dbias if bias is not None else None, dw_hr if w_hr is not None else None,
+            dh0, dc0, None, norms if ctx.record_norms else None,
+            None, None, None, None, None, None)
+
+
+torch.library.register_autograd("fastlstm::layer_forward", _backward, setup_context=_setup_context)
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """Kernel options of one layer call (validated by the modules)."""
+
+    backend: str = "auto"
+    checkpoint_every: int = 0
+    tbptt_chunk: int = 0
+    grad_clip: float = 0.0
+    grad_clip_mode: str = "recurrent"
+
+
+def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None, w_hr: Tensor | None,
+               h0: Tensor, c0: Tensor, lengths: Tensor | None = None, *, reverse: bool = False,
+               options: LayerOptions = LayerOptions(), norm_probe: Tensor | None = None
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer and direction over a time-major sequence.
+
+    Shapes: x (T, B, I); w_ih (4H, I); w_hh (4H, K); bias (4H,) = b_ih + b_hh; w_hr (K, H) or
+    None (then K = H); h0 (B, K); c0 (B, H); lengths (B,) int64 on x's device, or None.
+    Returns y (T, B, K), h_n (B, K), c_n (B, H). With ``lengths``, row b is padding from time
+    ``lengths[b]`` on: its output is zero and its state passes through unchanged; the reverse
+    direction starts each row at its own last element. ``norm_probe`` (2, T), when given, receives
+    the per-step gradient norms of h and c as its gradient.
+    """
+    y, h_n, c_n, _, _, _ = _layer_forward(
+        x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, norm_probe, reverse, options.checkpoint_every,
+        options.tbptt_chunk, options.grad_clip, options.grad_clip_mode, options.backend)
+    return y, h_n, c_n

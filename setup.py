@@ -1,0 +1,136 @@
+"""Build of fastlstm's one extension, ``fastlstm._C``.
+
+A CUDAExtension when the installed torch has CUDA and nvcc is found (every ``csrc/**/*.cu`` is
+compiled), otherwise a CppExtension. Environment knobs:
+
+* ``TORCH_CUDA_ARCH_LIST``   CUDA targets, honoured as torch does (CI builds ``9.0``).
+* ``FASTLSTM_FORCE_CPU=1``   build the CPU kernels only, even where CUDA is available.
+* ``FASTLSTM_CPU_SIMD``      ``avx2`` or ``default``; by default AVX2 when this machine has it
+  (the extension is built from source on the machine that runs it).
+* ``FASTLSTM_PTXAS_VERBOSE=1`` print ptxas register/shared-memory reports.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import shutil
+import sys
+
+from setuptools import setup
+
+
+
+def _locate_cuda_home() -> None:
+    """Point CUDA_HOME at the toolkit when nvcc is only a symlink (torch would take its parent dir)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    for nvcc in (shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if nvcc and os.path.exists(nvcc):
+            home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+            if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+                os.environ["CUDA_HOME"] = home
+                return
+
+
+_locate_cuda_home()
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # pragma: no cover - exercised only without torch
+    sys.exit(
+        "fastlstm builds against an installed PyTorch. Install torch first, then build without "
+        "isolation:\n    pip install torch\n    pip install --no-build-isolation -e ."
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(paths: list[str]) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("FASTLSTM_FORCE_CPU") == "1":
+        return False
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return False
+    return os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) or shutil.which("nvcc") is not None
+
+
+def _cpu_simd_flags() -> list[str]:
+    choice = os.environ.get("FASTLSTM_CPU_SIMD", "auto").lower()
+    if choice == "auto":
+        has_avx2 = False
+        if platform.machine() in ("x86_64", "AMD64") and os.path.exists("/proc/cpuinfo"):
+            with open("/proc/cpuinfo") as f:
+                flags = f.read()
+            has_avx2 = " avx2" in flags and " fma" in flags
+        choice = "avx2" if has_avx2 else "default"
+    if choice == "avx2":
+        return ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    if choice == "default":
+        return ["-DCPU_CAPABILITY=DEFAULT"]
+    sys.exit(f"FASTLSTM_CPU_SIMD must be 'auto', 'avx2' or 'default', got {choice!r}")
+
+
+def _wheel_cuda_dirs() -> tuple[list[str], list[str]]:
+    """cuBLAS headers and libraries shipped in the torch wheel (nvidia/cu*/), when CUDA_HOME lacks them."""
+    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "include", "cublas_v2.h")):
+        return [], []
+    for base in sys.path:
+        for inc in sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "include"))):
+            if os.path.exists(os.path.join(inc, "cublas_v2.h")):
+                return [inc], [os.path.join(os.path.dirname(inc), "lib")]
+        inc = os.path.join(base, "nvidia", "cublas", "include")
+        if os.path.exists(os.path.join(inc, "cublas_v2.h")):
+            return [inc], [os.path.join(base, "nvidia", "cublas", "lib")]
+    return [], []
+
+
+def _cublas_link_args(lib_dirs: list[str]) -> list[str]:
+    for d in lib_dirs:
+        versioned = sorted(glob.glob(os.path.join(d, "libcublas.so.*")))
+        if versioned and not os.path.exists(os.path.join(d, "libcublas.so")):
+            return [f"-L{d}", f"-l:{os.path.basename(versioned[0])}", f"-Wl,-rpath,{d}"]
+    return ["-lcublas"] + [f"-L{d}" for d in lib_dirs]
+
+
+def _default_cuda_arch() -> None:
+    # Without a visible GPU torch would build for every architecture it knows: pick Hopper instead.
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        print("fastlstm: no GPU visible and TORCH_CUDA_ARCH_LIST unset; building CUDA kernels for 9.0")
+
+
+def _extension():
+    cxx = ["-O3", "-Wall", "-Wno-unknown-pragmas"] + _cpu_simd_flags()
+    sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not _want_cuda():
+        return CppExtension("fastlstm._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+
+    _default_cuda_arch()
+    inc, libs = _wheel_cuda_dirs()
+    # -isystem: searched after the toolkit's own -I headers, which the wheel's must not shadow.
+    wheel_includes = [flag for d in inc for flag in ("-isystem", d)]
+    sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+    sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True))
+    nvcc = ["-O3", "-lineinfo", "-DFASTLSTM_WITH_CUDA", "--expt-relaxed-constexpr"]
+    if os.environ.get("FASTLSTM_PTXAS_VERBOSE") == "1":
+        nvcc += ["-Xptxas", "-v"]
+    return CUDAExtension(
+        "fastlstm._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx + wheel_includes + ["-DFASTLSTM_WITH_CUDA"], "nvcc": nvcc + wheel_includes},
+        extra_link_args=_cublas_link_args(libs),
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
