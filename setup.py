@@ -5,8 +5,8 @@ compiled), otherwise a CppExtension. Environment knobs:
 
 * ``TORCH_CUDA_ARCH_LIST``   CUDA targets, honoured as torch does (CI builds ``9.0``).
 * ``FASTLSTM_FORCE_CPU=1``   build the CPU kernels only, even where CUDA is available.
-* ``FASTLSTM_CPU_SIMD``      ``avx2`` or ``default``; by default AVX2 when this machine has it
-  (the extension is built from source on the machine that runs it).
+* ``FASTLSTM_CPU_SIMD``      ``avx512``, ``avx2`` or ``default``; by default the widest this machine
+  has (the extension is built from source on the machine that runs it).
 * ``FASTLSTM_PTXAS_VERBOSE=1`` print ptxas register/shared-memory reports.
 """
 
@@ -60,20 +60,33 @@ def _want_cuda() -> bool:
     return os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) or shutil.which("nvcc") is not None
 
 
+_SIMD_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "default": ["-DCPU_CAPABILITY=DEFAULT"],
+}
+
+
 def _cpu_simd_flags() -> list[str]:
     choice = os.environ.get("FASTLSTM_CPU_SIMD", "auto").lower()
     if choice == "auto":
-        has_avx2 = False
+        flags = set()
         if platform.machine() in ("x86_64", "AMD64") and os.path.exists("/proc/cpuinfo"):
             with open("/proc/cpuinfo") as f:
-                flags = f.read()
-            has_avx2 = " avx2" in flags and " fma" in flags
-        choice = "avx2" if has_avx2 else "default"
-    if choice == "avx2":
-        return ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    if choice == "default":
-        return ["-DCPU_CAPABILITY=DEFAULT"]
-    sys.exit(f"FASTLSTM_CPU_SIMD must be 'auto', 'avx2' or 'default', got {choice!r}")
+                for line in f:
+                    if line.startswith("flags"):
+                        flags = set(line.split(":", 1)[1].split())
+                        break
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
+            choice = "avx512"
+        elif {"avx2", "fma"} <= flags:
+            choice = "avx2"
+        else:
+            choice = "default"
+    if choice not in _SIMD_FLAGS:
+        sys.exit(f"FASTLSTM_CPU_SIMD must be 'auto', 'avx512', 'avx2' or 'default', got {choice!r}")
+    return _SIMD_FLAGS[choice]
 
 
 def _wheel_cuda_dirs() -> tuple[list[str], list[str]]:
@@ -106,7 +119,7 @@ def _default_cuda_arch() -> None:
 
 
 def _extension():
-    cxx = ["-O3", "-Wall", "-Wno-unknown-pragmas"] + _cpu_simd_flags()
+    cxx = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"] + _cpu_simd_flags()
     sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not _want_cuda():

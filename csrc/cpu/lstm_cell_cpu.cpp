@@ -7,18 +7,9 @@
 
 #include <algorithm>
 
-#include "../fastlstm/cell_math.h"
+#include "vec_math.h"
 
 namespace fastlstm {
-
-template <class T>
-struct Math<at::vec::Vectorized<T>> {
-  using V = at::vec::Vectorized<T>;
-  static V exp(const V& x) { return x.exp(); }
-  static V tanh(const V& x) { return x.tanh(); }
-  static V clamp(const V& x, const V& c) { return at::vec::clamp(x, V(0) - c, c); }
-};
-
 namespace cpu {
 namespace {
 
@@ -56,9 +47,13 @@ void cell_forward(const ForwardCellArgs<T, T>& a) {
       }
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
+        V pre[4];
+        for (int q = 0; q < 4; ++q) {
+          pre[q] = V::loadu(g + q * H + j, n);
+          if (a.bias) pre[q] = pre[q] + V::loadu(a.bias + q * H + j, n);
+        }
         V i, f, gg, o, c, h;
-        fastlstm::cell_forward(V::loadu(g + j, n), V::loadu(g + H + j, n), V::loadu(g + 2 * H + j, n),
-                               V::loadu(g + 3 * H + j, n), V::loadu(cp + j, n), i, f, gg, o, c, h);
+        fastlstm::cell_forward(pre[0], pre[1], pre[2], pre[3], V::loadu(cp + j, n), i, f, gg, o, c, h);
         i.store(g + j, n);
         f.store(g + H + j, n);
         gg.store(g + 2 * H + j, n);

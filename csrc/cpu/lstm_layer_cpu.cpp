@@ -1,5 +1,6 @@
-// The layer ops on the CPU: ATen GEMMs (MKL/OpenBLAS through ATen) and the fused cell kernels of
-// lstm_cell_cpu.cpp. Half types run in float and are converted at the boundary, so the cell
+// The layer ops on the CPU: ATen GEMMs (MKL/OpenBLAS through ATen) for the input projection and
+// the weight gradients; the recurrence fused in one parallel region (lstm_recurrence_cpu.cpp), or
+// for projection layers step by step with packed GEMMs and the cell kernels of lstm_cell_cpu.cpp. Half types run in float and are converted at the boundary, so the cell
 // state and every accumulation are fp32 (DESIGN.md section 7).
 #include <torch/library.h>
 
@@ -7,6 +8,8 @@
 
 #include "../fastlstm/layer_op.h"
 #include "lstm_cell_cpu.h"
+#include "lstm_recurrence_cpu.h"
+#include "packed_gemm_cpu.h"
 
 namespace fastlstm::cpu {
 namespace {
@@ -42,8 +45,29 @@ struct CpuPolicy {
     }
   }
 
+  // W_hh packed once per layer call, for each direction of use.
   template <class S>
-  static int64_t norm_tiles(int64_t, int64_t, bool) { return 1; }
+  class Recurrent {
+   public:
+    explicit Recurrent(const at::Tensor& w_hh) : w_(w_hh) {}
+    // gates[B, 4H] += r[B, K] W_hh^T
+    void forward(int64_t B, const S* r, S* gates) {
+      if (w_t_.empty()) w_t_ = PackedMatrix<S>(w_.data_ptr<S>(), w_.size(1), w_.size(0), 1, w_.size(1));
+      w_t_.multiply(B, r, gates, true);
+    }
+    // carry[B, K] += dG[B, 4H] W_hh
+    void backward(int64_t B, const S* dgates, S* carry) {
+      if (w_n_.empty()) w_n_ = PackedMatrix<S>(w_.data_ptr<S>(), w_.size(0), w_.size(1), w_.size(1), 1);
+      w_n_.multiply(B, dgates, carry, true);
+    }
+
+   private:
+    at::Tensor w_;
+    PackedMatrix<S> w_t_, w_n_;
+  };
+
+  template <class S>
+  static int64_t norm_tiles(int64_t H, int64_t, bool fused) { return fused ? unit_blocks<S>(H) : 1; }
 
   template <class S, class A>
   static void cell_forward(const ForwardCellArgs<S, A>& a) { cpu::cell_forward<S>(a); }
@@ -55,13 +79,9 @@ struct CpuPolicy {
   static void state_select(const StateSelectArgs<S>& a) { cpu::state_select<S>(a); }
 
   template <class S, class A>
-  static void recurrence_forward(const ChunkRecurrenceArgs<S, A>&) {
-    TORCH_CHECK(false, "fastlstm: the persistent kernel runs on CUDA only");
-  }
+  static void recurrence_forward(const ChunkRecurrenceArgs<S, A>& a) { fused_forward<S>(a); }
   template <class S, class A>
-  static void recurrence_backward(const ChunkRecurrenceArgs<S, A>&) {
-    TORCH_CHECK(false, "fastlstm: the persistent kernel runs on CUDA only");
-  }
+  static void recurrence_backward(const ChunkRecurrenceArgs<S, A>& a) { fused_backward<S>(a); }
 };
 
 at::ScalarType compute_dtype(at::ScalarType t) {
@@ -86,8 +106,9 @@ ForwardOut layer_forward(const at::Tensor& x, const at::Tensor& w_ih, const at::
   const LayerInputs in(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths);
   const auto dtype = x.scalar_type(), compute = compute_dtype(dtype);
   const LayerInputs ci = in.cast(compute);
-  ForwardOut out = compute == at::kDouble ? forward_typed<CpuPolicy, double>(ci, reverse, checkpoint_every, false)
-                                          : forward_typed<CpuPolicy, float>(ci, reverse, checkpoint_every, false);
+  const bool fused = !ci.w_hr.defined();
+  ForwardOut out = compute == at::kDouble ? forward_typed<CpuPolicy, double>(ci, reverse, checkpoint_every, fused)
+                                          : forward_typed<CpuPolicy, float>(ci, reverse, checkpoint_every, fused);
   if (compute != dtype) {
     std::get<0>(out) = std::get<0>(out).to(dtype);
     std::get<1>(out) = std::get<1>(out).to(dtype);
@@ -114,11 +135,12 @@ BackwardOut layer_backward(const std::optional<at::Tensor>& grad_y, const std::o
                    dc = contiguous_as(grad_c_n, compute);
   const at::Tensor yc = y.to(compute).contiguous(), rc = saved_r.to(compute).contiguous();
   const at::Tensor gc = saved_gates.contiguous(), cc = saved_c.contiguous();
+  const bool fused = !ci.w_hr.defined();
   BackwardOut out = compute == at::kDouble
                         ? backward_typed<CpuPolicy, double>(ci, dy, dh, dc, yc, gc, cc, rc, reverse,
-                                                            checkpoint_every, false, opts)
+                                                            checkpoint_every, fused, opts)
                         : backward_typed<CpuPolicy, float>(ci, dy, dh, dc, yc, gc, cc, rc, reverse,
-                                                           checkpoint_every, false, opts);
+                                                           checkpoint_every, fused, opts);
   if (compute != dtype) {
     std::get<0>(out) = std::get<0>(out).to(dtype);
     std::get<1>(out) = std::get<1>(out).to(dtype);

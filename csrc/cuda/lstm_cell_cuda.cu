@@ -37,8 +37,14 @@ __global__ void cell_forward_kernel(const ForwardCellArgs<scalar_t, acc_t> a) {
       if (a.h_state) a.h_state[e] = a.h_prev[e];
       continue;
     }
+    acc_t pre[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      pre[q] = g[q * H + j];
+      if (a.bias) pre[q] += static_cast<acc_t>(a.bias[q * H + j]);
+    }
     acc_t i, f, gg, o, c, h;
-    fastlstm::cell_forward<acc_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], a.c_prev[e], i, f, gg, o, c, h);
+    fastlstm::cell_forward<acc_t>(pre[0], pre[1], pre[2], pre[3], a.c_prev[e], i, f, gg, o, c, h);
     g[j] = i;
     g[H + j] = f;
     g[2 * H + j] = gg;

@@ -25,8 +25,21 @@ struct CudaPolicy {
     cuda::gemm_nn<S, C>(M, N, K, A, B, out, accumulate);
   }
   template <class S>
-  static int64_t norm_tiles(int64_t H, int64_t B, bool persistent) {
-    if (!persistent) return cell_norm_tiles(H);
+  class Recurrent {
+   public:
+    using A = at::opmath_type<S>;
+    explicit Recurrent(const at::Tensor& w_hh) : w_(w_hh.data_ptr<S>()), rows_(w_hh.size(0)), cols_(w_hh.size(1)) {}
+    void forward(int64_t B, const S* r, A* gates) { cuda::gemm_nt<S, A>(B, rows_, cols_, r, w_, gates, true); }
+    void backward(int64_t B, const S* dgates, A* carry) { cuda::gemm_nn<S, A>(B, cols_, rows_, dgates, w_, carry, true); }
+
+   private:
+    const S* w_;
+    int64_t rows_, cols_;
+  };
+
+  template <class S>
+  static int64_t norm_tiles(int64_t H, int64_t B, bool fused) {
+    if (!fused) return cell_norm_tiles(H);
     const PersistentPlan plan =
         persistent_plan(H, B, c10::CppTypeToScalarType<S>::value, c10::cuda::current_device(), true);
     return std::max(plan.blocks, 1);

@@ -123,9 +123,14 @@ __global__ void __launch_bounds__(kThreads)
               y[e] = scalar_t(0);
               if (separate_state) state[e] = load_cg(r_prev + e);
             } else {
+              acc_t pre[4];
+#pragma unroll
+              for (int q = 0; q < 4; ++q) {
+                pre[q] = g[q * H + j] + acc[r][q];
+                if (a.bias) pre[q] += static_cast<acc_t>(a.bias[q * H + j]);
+              }
               acc_t ai, af, ag, ao, c, h;
-              fastlstm::cell_forward<acc_t>(g[j] + acc[r][0], g[H + j] + acc[r][1], g[2 * H + j] + acc[r][2],
-                                  g[3 * H + j] + acc[r][3], c_prev[e], ai, af, ag, ao, c, h);
+              fastlstm::cell_forward<acc_t>(pre[0], pre[1], pre[2], pre[3], c_prev[e], ai, af, ag, ao, c, h);
               g[j] = ai;
               g[H + j] = af;
               g[2 * H + j] = ag;

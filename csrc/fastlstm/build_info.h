@@ -14,7 +14,9 @@ inline bool cuda_compiled() {
 }
 
 inline std::string cpu_capability() {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  return "AVX512";
+#elif defined(CPU_CAPABILITY_AVX2)
   return "AVX2";
 #else
   return "DEFAULT";

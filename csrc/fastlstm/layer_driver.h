@@ -3,12 +3,16 @@
 // The driver arranges buffers, runs the input projection as one GEMM per chunk of steps, walks the
 // recurrence step by step (a GEMM plus one fused pointwise kernel per step), and computes the
 // weight and input gradients as large GEMMs after the loop (DESIGN.md sections 2-4). What runs on
-// the device comes from the Policy: its GEMMs and its pointwise kernels, or, for the persistent
+// the device comes from the Policy: its GEMMs and its pointwise kernels, or, for the fused_recurrence
 // CUDA kernel, the whole recurrence of a chunk.
 //
 // Layout: everything is time-major and row-major. x (T, B, I), y (T, B, K) with K = P (proj_size)
 // or H, gates (T, B, 4H). "Steps" count in processing order (s = t forward, s = T-1-t reverse);
 // "times" index the tensors.
+//
+// Policy contract: gemm_nt / gemm_nn (row-major GEMMs), Recurrent<scalar_t> (gates += r W_hh^T
+// and carry += dG W_hh for one step), the pointwise kernels of step_args.h, norm_tiles, and
+// recurrence_forward / recurrence_backward for a fused_recurrence whole-chunk recurrence.
 //
 // Memory modes: with checkpoint_every = 0 the forward saves the activated gates and the cell
 // state of every step. With checkpoint_every = k it saves only the state (r, c) at the start of
@@ -46,15 +50,16 @@ class LayerDriver {
   // All tensors contiguous, on one device, of dtype scalar_t (lengths: int64, same device).
   LayerDriver(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
               const at::Tensor& bias, const at::Tensor& w_hr, const at::Tensor& lengths,
-              bool reverse, int64_t checkpoint_every, bool persistent)
+              bool reverse, int64_t checkpoint_every, bool fused_recurrence)
       : x_(x), w_ih_(w_ih), w_hh_(w_hh), bias_(bias), w_hr_(w_hr), lengths_(lengths),
-        reverse_(reverse), persistent_(persistent),
+        reverse_(reverse), fused_(fused_recurrence),
         T_(x.size(0)), B_(x.size(1)), I_(x.size(2)), H_(w_hh.size(0) / 4),
         K_(w_hh.size(1)), proj_(w_hr.defined()),
         chunk_(checkpoint_every > 0 ? std::min(checkpoint_every, x.size(0)) : x.size(0)),
         nchunks_((T_ + chunk_ - 1) / chunk_),
         checkpointing_(checkpoint_every > 0),
-        acc_type_(c10::CppTypeToScalarType<acc_t>::value), acc_opts_(x.options().dtype(acc_type_)) {}
+        acc_type_(c10::CppTypeToScalarType<acc_t>::value), acc_opts_(x.options().dtype(acc_type_)),
+        recurrent_(w_hh) {}
 
   LayerForwardResult forward(const at::Tensor& h0, const at::Tensor& c0) {
     LayerForwardResult out;
@@ -106,7 +111,7 @@ class LayerDriver {
                                         : at::zeros({B_, K_}, acc_opts_);
     at::Tensor carry_c = dc_n.defined() ? dc_n.to(acc_type_).contiguous().clone()
                                         : at::zeros({B_, H_}, acc_opts_);
-    const int64_t tiles = Policy::template norm_tiles<scalar_t>(H_, B_, persistent_);
+    const int64_t tiles = Policy::template norm_tiles<scalar_t>(H_, B_, fused_);
     at::Tensor norm_partial =
         opts.record_norms ? new_buffer({T_, 2, B_, tiles}, acc_opts_) : at::Tensor();
     at::Tensor dh_ws = proj_ ? new_buffer({B_, H_}, acc_opts_) : at::Tensor();
@@ -138,7 +143,7 @@ class LayerDriver {
       const scalar_t* dy_ptr = dy.defined() ? dy.data_ptr<scalar_t>() : nullptr;
       acc_t* norm_ptr = opts.record_norms ? norm_partial.data_ptr<acc_t>() : nullptr;
 
-      if (persistent_) {
+      if (fused_) {
         ChunkRecurrenceArgs<scalar_t, acc_t> a = recurrence_args(st, s0, n, r_init, c_init);
         a.dy = dy_ptr;
         a.dgates = dg_base;
@@ -193,8 +198,7 @@ class LayerDriver {
           }
           Policy::cell_backward(a);
           // The carry step t sends back: dG_t W_hh, added to what skipped the step.
-          Policy::template gemm_nn<scalar_t, acc_t>(B_, K_, 4 * H_, a.dgates, w_hh_.data_ptr<scalar_t>(),
-                                                    carry_h.data_ptr<acc_t>(), true);
+          recurrent_.backward(B_, a.dgates, carry_h.data_ptr<acc_t>());
         }
       }
 
@@ -256,6 +260,7 @@ class LayerDriver {
 
   bool masked() const { return lengths_.defined(); }
   const int64_t* lengths_ptr() const { return masked() ? lengths_.data_ptr<int64_t>() : nullptr; }
+  const scalar_t* bias_ptr() const { return bias_.defined() ? bias_.data_ptr<scalar_t>() : nullptr; }
   int64_t time_of(int64_t s) const { return reverse_ ? T_ - 1 - s : s; }
   // First time index of the block covered by processing steps [s0, s0 + n).
   int64_t block_start(int64_t s0, int64_t n) const { return reverse_ ? T_ - s0 - n : s0; }
@@ -309,6 +314,7 @@ class LayerDriver {
     a.r = st.r;
     a.y = st.y;
     a.w_hh = w_hh_.data_ptr<scalar_t>();
+    a.bias = bias_ptr();
     a.r_init = r_init;
     a.c_init = c_init;
     a.lengths = lengths_ptr();
@@ -325,13 +331,10 @@ class LayerDriver {
   // Runs processing steps [s0, s0 + n) into the chunk's slots, from state (r_init, c_init).
   void chunk_forward(int64_t s0, int64_t n, const Storage& st, const scalar_t* r_init, const acc_t* c_init) {
     const int64_t tlo = st.tlo;
-    // Input projection of the whole block: gates = b_ih + b_hh + x W_ih^T.
-    if (bias_.defined()) {
-      at::from_blob(st.gates, {n * B_, 4 * H_}, acc_opts_).copy_(bias_.unsqueeze(0));
-    }
+    // Input projection of the whole block: gates = x W_ih^T (the cell kernels add the bias).
     Policy::template gemm_nt<scalar_t, acc_t>(n * B_, 4 * H_, I_, x_.data_ptr<scalar_t>() + tlo * B_ * I_,
-                                              w_ih_.data_ptr<scalar_t>(), st.gates, bias_.defined());
-    if (persistent_) {
+                                              w_ih_.data_ptr<scalar_t>(), st.gates, false);
+    if (fused_) {
       Policy::recurrence_forward(recurrence_args(st, s0, n, r_init, c_init));
       return;
     }
@@ -344,10 +347,11 @@ class LayerDriver {
       acc_t* gates = st.gates + slot * B_ * 4 * H_;
       scalar_t* y_t = st.y + slot * B_ * K_;
       scalar_t* r_t = st.r + slot * B_ * K_;
-      Policy::template gemm_nt<scalar_t, acc_t>(B_, 4 * H_, K_, r_prev, w_hh_.data_ptr<scalar_t>(), gates, true);
+      recurrent_.forward(B_, r_prev, gates);
       ForwardCellArgs<scalar_t, acc_t> a{};
       a.gates = gates;
       a.c_prev = c_prev;
+      a.bias = bias_ptr();
       a.c_next = st.c + slot * B_ * H_;
       a.h_prev = r_prev;
       a.h_out = proj_ ? hbuf.data_ptr<scalar_t>() : y_t;
@@ -374,13 +378,15 @@ class LayerDriver {
   }
 
   const at::Tensor x_, w_ih_, w_hh_, bias_, w_hr_, lengths_;
-  const bool reverse_, persistent_;
+  const bool reverse_, fused_;
   const int64_t T_, B_, I_, H_, K_;
   const bool proj_;
   const int64_t chunk_, nchunks_;
   const bool checkpointing_;
   const at::ScalarType acc_type_;
   const at::TensorOptions acc_opts_;
+  // The per-step recurrent products with W_hh (the policy may prepare W_hh once for all steps).
+  typename Policy::template Recurrent<scalar_t> recurrent_;
 };
 
 }  // namespace fastlstm

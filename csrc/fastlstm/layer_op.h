@@ -20,8 +20,8 @@ enum class Backend { Auto, Stepwise, Persistent };
 inline Backend parse_backend(std::string_view s) {
   if (s == "auto") return Backend::Auto;
   if (s == "stepwise") return Backend::Stepwise;
-  if (s == "persistent") return Backend::Persistent;
-  TORCH_CHECK(false, "fastlstm: backend must be one of 'auto', 'stepwise', 'persistent', got '", std::string(s), "'");
+  if (s == "fused_recurrence") return Backend::Persistent;
+  TORCH_CHECK(false, "fastlstm: backend must be one of 'auto', 'stepwise', 'fused_recurrence', got '", std::string(s), "'");
 }
 
 inline BackwardOptions backward_options(int64_t tbptt_chunk, double grad_clip, std::string_view clip_mode,
@@ -113,9 +113,9 @@ struct LayerInputs {
 };
 
 template <class Policy, class scalar_t>
-ForwardOut forward_typed(const LayerInputs& in, bool reverse, int64_t checkpoint_every, bool persistent) {
+ForwardOut forward_typed(const LayerInputs& in, bool reverse, int64_t checkpoint_every, bool fused_recurrence) {
   LayerDriver<Policy, scalar_t> d(in.x, in.w_ih, in.w_hh, in.bias, in.w_hr, in.lengths, reverse, checkpoint_every,
-                                  persistent);
+                                  fused_recurrence);
   LayerForwardResult r = d.forward(in.h0, in.c0);
   return {r.y, r.h_n, r.c_n, r.saved_gates, r.saved_c, r.saved_r};
 }
@@ -124,10 +124,10 @@ ForwardOut forward_typed(const LayerInputs& in, bool reverse, int64_t checkpoint
 template <class Policy, class scalar_t>
 BackwardOut backward_typed(const LayerInputs& in, const at::Tensor& dy, const at::Tensor& dh_n, const at::Tensor& dc_n,
                            const at::Tensor& y, const at::Tensor& saved_gates, const at::Tensor& saved_c,
-                           const at::Tensor& saved_r, bool reverse, int64_t checkpoint_every, bool persistent,
+                           const at::Tensor& saved_r, bool reverse, int64_t checkpoint_every, bool fused_recurrence,
                            const BackwardOptions& opts) {
   LayerDriver<Policy, scalar_t> d(in.x, in.w_ih, in.w_hh, in.bias, in.w_hr, in.lengths, reverse, checkpoint_every,
-                                  persistent);
+                                  fused_recurrence);
   LayerBackwardResult r = d.backward(dy, dh_n, dc_n, in.h0, in.c0, y, saved_gates, saved_c, saved_r, opts);
   return {r.dx, r.dw_ih, r.dw_hh, r.dbias, r.dw_hr, r.dh0, r.dc0, r.norms};
 }

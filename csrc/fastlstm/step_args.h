@@ -12,7 +12,8 @@ namespace fastlstm {
 
 template <class scalar_t, class acc_t>
 struct ForwardCellArgs {
-  acc_t* gates;             // (B, 4H) pre-activations in, activations i, f, g, o out
+  acc_t* gates;             // (B, 4H) x W_ih^T + h W_hh^T in, activations i, f, g, o out
+  const scalar_t* bias;     // (4H) b_ih + b_hh, added to the gates, or null
   const acc_t* c_prev;      // (B, H)
   acc_t* c_next;            // (B, H) may not alias c_prev
   const scalar_t* h_prev;   // (B, H) state before the step; read only when h_state is set
@@ -74,10 +75,12 @@ struct BackwardOptions {
   bool record_norms = false;
 };
 
-// Arguments of a policy's whole-chunk recurrence (persistent kernels): slot(t) = base + (t - tlo).
+// Arguments of a policy's fused whole-chunk recurrence (persistent CUDA kernels, fused CPU
+// recurrence): slot(t) = base + (t - tlo).
 template <class scalar_t, class acc_t>
 struct ChunkRecurrenceArgs {
-  acc_t* gates;             // forward: pre-activations in, activations out; backward: read
+  acc_t* gates;             // forward: x W_ih^T in, activations out; backward: read
+  const scalar_t* bias;     // (4H) or null, added by the forward
   acc_t* c;                 // cell state after each step
   scalar_t* r;              // hidden state after each step (aliases y without padding)
   scalar_t* y;              // layer output

@@ -1,0 +1,309 @@
+// The fused CPU recurrence, the CPU counterpart of the persistent CUDA kernels.
+//
+// One at::parallel_for region runs every step of a chunk. The hidden units are cut into blocks
+// of one vector (L units) and each thread owns a contiguous run of blocks: all four gates of its
+// units in the forward, the same units' columns of W_hh in the backward. Its slice of W_hh is
+// packed once, so it stays in that core's cache for the whole sequence. Per step:
+//   forward   gates of own units = Gx + h_{t-1} W_hh^T (register tile of kRows rows x 4 gate
+//             vectors), cell update in registers, h_t written; one barrier.
+//   backward  cell backward of own units -> dG_t; barrier; carry_h of own units
+//             += dG_t W_hh[:, own] (register tile of kRows rows x up to 3 unit blocks).
+// The semantics (padding, truncation, clipping, norms) are cell_math.h's, as in the stepwise path.
+#include "lstm_recurrence_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "spin_barrier.h"
+#include "vec_math.h"
+
+namespace fastlstm::cpu {
+namespace {
+
+template <class T>
+struct Blocking {
+  using V = at::vec::Vectorized<T>;
+  static constexpr int L = V::size();
+  // Forward tile: kRows x 4 accumulators (AVX-512 has 32 vector registers, AVX2 16).
+  static constexpr int kRows = L * sizeof(T) >= 64 ? 4 : 2;
+};
+
+int64_t slices_for(int64_t blocks) {
+  if (at::in_parallel_region()) return 1;  // nested: run serially rather than wait on absent threads
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+}
+
+// Runs body(first_block, last_block, weight) on the threads of one parallel region, each with a
+// contiguous run of unit blocks; weight is what the thread passes to the barrier.
+template <class F>
+void for_each_slice(int64_t blocks, const F& body) {
+  const int64_t slices = slices_for(blocks);
+  at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
+    body(s0 * blocks / slices, s1 * blocks / slices, s1 - s0);
+  });
+}
+
+// Forward panels: packed[ub][k][gate][l] = W_hh[gate * H + ub * L + l, k], zero past H.
+template <class T>
+at::Tensor pack_forward(const T* w, int64_t H, int64_t K) {
+  constexpr int L = Blocking<T>::L;
+  const int64_t blocks = unit_blocks<T>(H);
+  at::Tensor packed = at::zeros({blocks, K, 4, L}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* p = packed.data_ptr<T>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t ub = b0; ub < b1; ++ub)
+      for (int64_t k = 0; k < K; ++k)
+        for (int g = 0; g < 4; ++g)
+          for (int64_t l = 0; l < L && ub * L + l < H; ++l)
+            p[((ub * K + k) * 4 + g) * L + l] = w[(g * H + ub * L + l) * K + k];
+  });
+  return packed;
+}
+
+// Backward panels: packed[ub][n][l] = W_hh[n, ub * L + l], zero past H.
+template <class T>
+at::Tensor pack_backward(const T* w, int64_t H) {
+  constexpr int L = Blocking<T>::L;
+  const int64_t blocks = unit_blocks<T>(H), G = 4 * H;
+  at::Tensor packed = at::zeros({blocks, G, L}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* p = packed.data_ptr<T>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t ub = b0; ub < b1; ++ub)
+      for (int64_t n = 0; n < G; ++n)
+        for (int64_t l = 0; l < L && ub * L + l < H; ++l) p[(ub * G + n) * L + l] = w[n * H + ub * L + l];
+  });
+  return packed;
+}
+
+// The cell update of row b, units [j0, j0 + cnt), from the recurrent part of its gates.
+template <class T>
+inline void cell_epilogue(const ChunkRecurrenceArgs<T, T>& a, at::vec::Vectorized<T> r_i, at::vec::Vectorized<T> r_f,
+                          at::vec::Vectorized<T> r_g, at::vec::Vectorized<T> r_o, int64_t b, int64_t j0, int64_t cnt,
+                          int64_t t, int64_t slot, const T* r_prev, const T* c_prev) {
+  using V = at::vec::Vectorized<T>;
+  const int64_t H = a.H, B = a.B, e = b * H + j0;
+  T* g = a.gates + (slot * B + b) * 4 * H + j0;
+  T* c_next = a.c + slot * B * H + e;
+  T* y = a.y + slot * B * H + e;
+  T* state = a.r != a.y ? a.r + slot * B * H + e : nullptr;
+  if (!row_live(a.lengths, b, t)) {
+    for (int q = 0; q < 4; ++q) V(T(0)).store(g + q * H, cnt);
+    V::loadu(c_prev + e, cnt).store(c_next, cnt);
+    V(T(0)).store(y, cnt);
+    if (state) V::loadu(r_prev + e, cnt).store(state, cnt);
+    return;
+  }
+  V pre[4] = {r_i + V::loadu(g, cnt), r_f + V::loadu(g + H, cnt), r_g + V::loadu(g + 2 * H, cnt),
+              r_o + V::loadu(g + 3 * H, cnt)};
+  if (a.bias) {
+    for (int q = 0; q < 4; ++q) pre[q] = pre[q] + V::loadu(a.bias + q * H + j0, cnt);
+  }
+  V i, f, gg, o, c, hv;
+  fastlstm::cell_forward(pre[0], pre[1], pre[2], pre[3], V::loadu(c_prev + e, cnt), i, f, gg, o, c, hv);
+  i.store(g, cnt);
+  f.store(g + H, cnt);
+  gg.store(g + 2 * H, cnt);
+  o.store(g + 3 * H, cnt);
+  c.store(c_next, cnt);
+  hv.store(y, cnt);
+  if (state) hv.store(state, cnt);
+}
+
+// One forward tile: rows [row0, row0 + rows) x unit block ub, then the cell update.
+template <class T>
+void forward_tile(const ChunkRecurrenceArgs<T, T>& a, const T* panel, int64_t ub, int64_t row0, int64_t rows,
+                  int64_t t, int64_t slot, const T* r_prev, const T* c_prev) {
+  using Bl = Blocking<T>;
+  using V = typename Bl::V;
+  constexpr int R = Bl::kRows, L = Bl::L;
+  const int64_t H = a.H, B = a.B, K = a.H;
+  V acc[R][4];
+#pragma GCC unroll 4
+  for (int m = 0; m < R; ++m) {
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) acc[m][g] = V(T(0));
+  }
+  const T* h[R];
+  for (int m = 0; m < R; ++m) h[m] = r_prev + (row0 + std::min<int64_t>(m, rows - 1)) * K;
+  for (int64_t k = 0; k < K; ++k) {
+    const T* w = panel + k * 4 * L;
+    const V w0 = V::loadu(w), w1 = V::loadu(w + L), w2 = V::loadu(w + 2 * L), w3 = V::loadu(w + 3 * L);
+#pragma GCC unroll 4
+    for (int m = 0; m < R; ++m) {
+      const V s(h[m][k]);
+      acc[m][0] = at::vec::fmadd(s, w0, acc[m][0]);
+      acc[m][1] = at::vec::fmadd(s, w1, acc[m][1]);
+      acc[m][2] = at::vec::fmadd(s, w2, acc[m][2]);
+      acc[m][3] = at::vec::fmadd(s, w3, acc[m][3]);
+    }
+  }
+  const int64_t j0 = ub * L, cnt = std::min<int64_t>(L, H - j0);
+  // Constant indices only (the loop is unrolled), so acc stays in registers.
+#pragma GCC unroll 4
+  for (int m = 0; m < R; ++m) {
+    if (m < rows) cell_epilogue(a, acc[m][0], acc[m][1], acc[m][2], acc[m][3], row0 + m, j0, cnt, t, slot, r_prev, c_prev);
+  }
+}
+
+// carry[rows, NV unit blocks from ub] += dG_t[rows, :] W_hh[:, those units]
+template <class T, int NV>
+void carry_tile(const ChunkRecurrenceArgs<T, T>& a, const T* packed, int64_t ub, int64_t row0, int64_t rows,
+                const T* dg) {
+  using Bl = Blocking<T>;
+  using V = typename Bl::V;
+  constexpr int R = 4, L = Bl::L;
+  const int64_t H = a.H, G = 4 * H;
+  V acc[R][NV];
+#pragma GCC unroll 4
+  for (int m = 0; m < R; ++m) {
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) acc[m][v] = V(T(0));
+  }
+  const T* d[R];
+  for (int m = 0; m < R; ++m) d[m] = dg + (row0 + std::min<int64_t>(m, rows - 1)) * G;
+  const T* panel[NV];
+  for (int v = 0; v < NV; ++v) panel[v] = packed + (ub + v) * G * L;
+  for (int64_t n = 0; n < G; ++n) {
+    V w[NV];
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) w[v] = V::loadu(panel[v] + n * L);
+#pragma GCC unroll 4
+    for (int m = 0; m < R; ++m) {
+      const V s(d[m][n]);
+#pragma GCC unroll 3
+      for (int v = 0; v < NV; ++v) acc[m][v] = at::vec::fmadd(s, w[v], acc[m][v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < R; ++m) {
+    if (m >= rows) break;
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) {
+      const int64_t j0 = (ub + v) * L, cnt = std::min<int64_t>(L, H - j0);
+      T* out = a.carry_h + (row0 + m) * H + j0;
+      (acc[m][v] + V::loadu(out, cnt)).store(out, cnt);
+    }
+  }
+}
+
+// Cell backward of unit block ub for row b; returns the squared norms of dL/dh_t and dL/dc_t.
+template <class T>
+void backward_cell(const ChunkRecurrenceArgs<T, T>& a, int64_t ub, int64_t b, int64_t t, int64_t slot,
+                   const T* c_prev, T* dgates, T& sum_h, T& sum_c) {
+  using V = typename Blocking<T>::V;
+  constexpr int L = Blocking<T>::L;
+  const int64_t H = a.H, B = a.B, j0 = ub * L, cnt = std::min<int64_t>(L, H - j0), e = b * H + j0;
+  T* dg = dgates + b * 4 * H + j0;
+  const int64_t n_b = a.lengths ? a.lengths[b] : a.T;
+  sum_h = sum_c = T(0);
+  if (t >= n_b) {  // padding: no gate gradient, the carries pass through untouched
+    for (int q = 0; q < 4; ++q) V(T(0)).store(dg + q * H, cnt);
+    return;
+  }
+  const int kind = carry_kind(step_of_time(t, n_b, a.reverse), n_b, a.opts.tbptt_chunk);
+  const T clip_rec = static_cast<T>(a.opts.clip_recurrent), clip_gates = static_cast<T>(a.opts.clip_gates);
+  const T* g = a.gates + (slot * B + b) * 4 * H + j0;
+  V dh = receive_carry(V::loadu(a.carry_h + e, cnt), kind, clip_rec);
+  if (a.dy) dh = dh + V::loadu(a.dy + t * B * H + e, cnt);
+  const V dc_in = receive_carry(V::loadu(a.carry_c + e, cnt), kind, clip_rec);
+  V dgi, dgf, dgg, dgo, dct, dcp;
+  fastlstm::cell_backward(V::loadu(g, cnt), V::loadu(g + H, cnt), V::loadu(g + 2 * H, cnt), V::loadu(g + 3 * H, cnt),
+                          V::loadu(a.c + slot * B * H + e, cnt), V::loadu(c_prev + e, cnt), dh, dc_in, dgi, dgf, dgg,
+                          dgo, dct, dcp);
+  clip_gate_grad(dgi, clip_gates).store(dg, cnt);
+  clip_gate_grad(dgf, clip_gates).store(dg + H, cnt);
+  clip_gate_grad(dgg, clip_gates).store(dg + 2 * H, cnt);
+  clip_gate_grad(dgo, clip_gates).store(dg + 3 * H, cnt);
+  dcp.store(a.carry_c + e, cnt);
+  V(T(0)).store(a.carry_h + e, cnt);  // what skips the step; dG_t W_hh is added after the barrier
+  T lanes[L];
+  (dh * dh).store(lanes);
+  for (int l = 0; l < cnt; ++l) sum_h += lanes[l];
+  (dct * dct).store(lanes);
+  for (int l = 0; l < cnt; ++l) sum_c += lanes[l];
+}
+
+}  // namespace
+
+template <class T>
+int64_t unit_blocks(int64_t H) {
+  return (H + Blocking<T>::L - 1) / Blocking<T>::L;
+}
+
+template <class T>
+void fused_forward(const ChunkRecurrenceArgs<T, T>& a) {
+  if (a.B == 0 || a.H == 0 || a.n == 0) return;
+  constexpr int L = Blocking<T>::L, R = Blocking<T>::kRows;
+  const int64_t H = a.H, B = a.B, blocks = unit_blocks<T>(H);
+  const at::Tensor packed = pack_forward(a.w_hh, H, H);
+  const T* p = packed.data_ptr<T>();
+  SpinBarrier barrier(slices_for(blocks));
+  for_each_slice(blocks, [&](int64_t ub0, int64_t ub1, int64_t weight) {
+    for (int64_t i = 0; i < a.n; ++i) {
+      const int64_t s = a.s0 + i, t = a.reverse ? a.T - 1 - s : s, slot = t - a.tlo;
+      const int64_t prev = i == 0 ? -1 : (a.reverse ? a.T - s : s - 1) - a.tlo;
+      const T* r_prev = prev < 0 ? a.r_init : a.r + prev * B * H;
+      const T* c_prev = prev < 0 ? a.c_init : a.c + prev * B * H;
+      // Unit block outermost: its panel stays in L1 across the row blocks.
+      for (int64_t ub = ub0; ub < ub1; ++ub) {
+        for (int64_t row0 = 0; row0 < B; row0 += R) {
+          forward_tile(a, p + ub * H * 4 * L, ub, row0, std::min<int64_t>(R, B - row0), t, slot, r_prev, c_prev);
+        }
+      }
+      barrier.arrive_and_wait(weight);
+    }
+  });
+}
+
+template <class T>
+void fused_backward(const ChunkRecurrenceArgs<T, T>& a) {
+  if (a.B == 0 || a.H == 0 || a.n == 0) return;
+  const int64_t H = a.H, B = a.B, blocks = unit_blocks<T>(H);
+  const at::Tensor packed = pack_backward(a.w_hh, H);
+  const T* p = packed.data_ptr<T>();
+  SpinBarrier barrier(slices_for(blocks));
+  for_each_slice(blocks, [&](int64_t ub0, int64_t ub1, int64_t weight) {
+    for (int64_t i = a.n - 1; i >= 0; --i) {
+      const int64_t s = a.s0 + i, t = a.reverse ? a.T - 1 - s : s, slot = t - a.tlo;
+      const int64_t prev = i == 0 ? -1 : (a.reverse ? a.T - s : s - 1) - a.tlo;
+      const T* c_prev = prev < 0 ? a.c_init : a.c + prev * B * H;
+      T* dgates = a.dgates + slot * B * 4 * H;
+      T* norms = a.norm_partial ? a.norm_partial + t * 2 * B * blocks : nullptr;
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t ub = ub0; ub < ub1; ++ub) {
+          T sum_h, sum_c;
+          backward_cell(a, ub, b, t, slot, c_prev, dgates, sum_h, sum_c);
+          if (norms) {
+            norms[b * blocks + ub] = sum_h;
+            norms[(B + b) * blocks + ub] = sum_c;
+          }
+        }
+      }
+      barrier.arrive_and_wait(weight);  // dG_t complete for every unit
+      for (int64_t ub = ub0; ub < ub1; ub += 3) {
+        for (int64_t row0 = 0; row0 < B; row0 += 4) {
+          const int64_t rows = std::min<int64_t>(4, B - row0);
+          if (ub + 3 <= ub1) {
+            carry_tile<T, 3>(a, p, ub, row0, rows, dgates);
+          } else if (ub + 2 == ub1) {
+            carry_tile<T, 2>(a, p, ub, row0, rows, dgates);
+          } else {
+            carry_tile<T, 1>(a, p, ub, row0, rows, dgates);
+          }
+        }
+      }
+      // The next step's cell backward reads only this thread's own carries: no barrier needed.
+    }
+  });
+}
+
+template int64_t unit_blocks<float>(int64_t);
+template int64_t unit_blocks<double>(int64_t);
+template void fused_forward<float>(const ChunkRecurrenceArgs<float, float>&);
+template void fused_forward<double>(const ChunkRecurrenceArgs<double, double>&);
+template void fused_backward<float>(const ChunkRecurrenceArgs<float, float>&);
+template void fused_backward<double>(const ChunkRecurrenceArgs<double, double>&);
+
+}  // namespace fastlstm::cpu

@@ -1,0 +1,20 @@
+// The fused CPU recurrence: one parallel region for all the steps of a chunk (no projection).
+#pragma once
+
+#include <cstdint>
+
+#include "../fastlstm/step_args.h"
+
+namespace fastlstm::cpu {
+
+// Hidden units are handled in blocks of one vector; the fused backward's norm partial sums are
+// per (batch row, unit block).
+template <class T>
+int64_t unit_blocks(int64_t H);
+
+template <class T>
+void fused_forward(const ChunkRecurrenceArgs<T, T>& a);
+template <class T>
+void fused_backward(const ChunkRecurrenceArgs<T, T>& a);
+
+}  // namespace fastlstm::cpu

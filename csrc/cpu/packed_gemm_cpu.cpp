@@ -1,0 +1,111 @@
+// Register-blocked kernel of PackedMatrix: a tile of kRows rows x kVecs vectors of columns is
+// accumulated in registers over the whole reduction, reading each packed weight once per tile.
+#include "packed_gemm_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+
+namespace fastlstm::cpu {
+namespace {
+
+template <class T>
+struct Tiling {
+  using V = at::vec::Vectorized<T>;
+  static constexpr int kRows = 4;
+  // AVX-512 has 32 vector registers, AVX2 16: 12 or 8 accumulators plus loads and broadcasts.
+  static constexpr int kVecs = V::size() * sizeof(T) >= 64 ? 3 : 2;
+  static constexpr int kWidth = kVecs * V::size();
+};
+
+template <class T>
+void tile(int64_t depth, const T* A, int64_t rows_valid, const T* panel, T* C, int64_t ldc, int64_t cols_valid,
+          bool accumulate) {
+  using Tl = Tiling<T>;
+  using V = typename Tl::V;
+  constexpr int R = Tl::kRows, NV = Tl::kVecs, L = V::size();
+  V acc[R][NV];
+#pragma GCC unroll 4
+  for (int m = 0; m < R; ++m) {
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) acc[m][v] = V(T(0));
+  }
+  const T* a[R];
+  for (int m = 0; m < R; ++m) a[m] = A + std::min<int64_t>(m, rows_valid - 1) * depth;  // spare rows repeat
+  for (int64_t k = 0; k < depth; ++k) {
+    const T* p = panel + k * Tl::kWidth;
+    V b[NV];
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) b[v] = V::loadu(p + v * L);
+#pragma GCC unroll 4
+    for (int m = 0; m < R; ++m) {
+      const V s(a[m][k]);
+#pragma GCC unroll 3
+      for (int v = 0; v < NV; ++v) acc[m][v] = at::vec::fmadd(s, b[v], acc[m][v]);
+    }
+  }
+  // Constant indices only (the loops are unrolled), so acc stays in registers.
+#pragma GCC unroll 4
+  for (int m = 0; m < R; ++m) {
+    if (m >= rows_valid) break;
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) {
+      const int64_t col = static_cast<int64_t>(v) * L;
+      if (col >= cols_valid) break;
+      const int64_t count = std::min<int64_t>(L, cols_valid - col);
+      T* c = C + m * ldc + col;
+      V r = acc[m][v];
+      if (accumulate) r = r + V::loadu(c, count);
+      r.store(c, count);
+    }
+  }
+}
+
+}  // namespace
+
+template <class T>
+PackedMatrix<T>::PackedMatrix(const T* src, int64_t rows, int64_t cols, int64_t stride_row, int64_t stride_col)
+    : rows_(rows), cols_(cols) {
+  constexpr int64_t W = Tiling<T>::kWidth;
+  panels_ = (cols + W - 1) / W;
+  storage_ = at::zeros({std::max<int64_t>(panels_, 1), rows, W}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* dst = storage_.data_ptr<T>();
+  at::parallel_for(0, panels_, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t r = 0; r < rows; ++r) {
+        T* out = dst + (p * rows + r) * W;
+        for (int64_t c = p * W; c < std::min(cols, (p + 1) * W); ++c) out[c - p * W] = src[r * stride_row + c * stride_col];
+      }
+    }
+  });
+}
+
+template <class T>
+void PackedMatrix<T>::multiply(int64_t M, const T* A, T* C, bool accumulate) const {
+  if (M == 0 || cols_ == 0) return;
+  if (rows_ == 0) {
+    if (!accumulate) std::fill(C, C + M * cols_, T(0));
+    return;
+  }
+  using Tl = Tiling<T>;
+  const int64_t row_blocks = (M + Tl::kRows - 1) / Tl::kRows;
+  const int64_t tiles = row_blocks * panels_;
+  // Below ~100k multiply-adds the work is shorter than waking a second thread.
+  const int64_t grain = M * cols_ * rows_ < (1 << 17) ? tiles : 1;
+  const T* packed = storage_.data_ptr<T>();
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t p = t % panels_, rb = t / panels_;
+      const int64_t row0 = rb * Tl::kRows, col0 = p * Tl::kWidth;
+      tile<T>(rows_, A + row0 * rows_, std::min<int64_t>(Tl::kRows, M - row0), packed + p * rows_ * Tl::kWidth,
+              C + row0 * cols_ + col0, cols_, std::min<int64_t>(Tl::kWidth, cols_ - col0), accumulate);
+    }
+  });
+}
+
+template class PackedMatrix<float>;
+template class PackedMatrix<double>;
+
+}  // namespace fastlstm::cpu
