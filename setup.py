@@ -118,12 +118,18 @@ def _default_cuda_arch() -> None:
         print("fastlstm: no GPU visible and TORCH_CUDA_ARCH_LIST unset; building CUDA kernels for 9.0")
 
 
+def _openmp_flags() -> list[str]:
+    # at::parallel_for runs serially in code compiled without OpenMP, even inside a torch that has it.
+    return ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
+
+
 def _extension():
-    cxx = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"] + _cpu_simd_flags()
+    cxx = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"] + _cpu_simd_flags() + _openmp_flags()
     sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not _want_cuda():
-        return CppExtension("fastlstm._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+        return CppExtension("fastlstm._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+                            extra_link_args=_openmp_flags())
 
     _default_cuda_arch()
     inc, libs = _wheel_cuda_dirs()
@@ -139,7 +145,7 @@ def _extension():
         sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx + wheel_includes + ["-DFASTLSTM_WITH_CUDA"], "nvcc": nvcc + wheel_includes},
-        extra_link_args=_cublas_link_args(libs),
+        extra_link_args=_cublas_link_args(libs) + _openmp_flags(),
     )
 
 

@@ -41,14 +41,14 @@ TORCH_LIBRARY(fastlstm, m) {
       "layer_forward(Tensor x, Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor? w_hr, Tensor h0, Tensor c0, "
       "Tensor? lengths, Tensor? norm_probe, bool reverse, int checkpoint_every, int tbptt_chunk, float grad_clip, "
       "str grad_clip_mode, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Returns (dx, dw_ih, dw_hh, dbias, dw_hr, dh0, dc0, norms); dbias, dw_hr, norms are empty when
-  // the layer has no bias, no projection, or records no norms.
+  // Returns (dx, dw_ih, dw_hh, dbias, dw_hr, dh0, dc0, norms); dx, dbias, dw_hr, norms are empty
+  // when input_grad is false, the layer has no bias, no projection, or records no norms.
   m.def(
       "layer_backward(Tensor? grad_y, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, Tensor w_ih, Tensor w_hh, "
       "Tensor? bias, Tensor? w_hr, Tensor h0, Tensor c0, Tensor? lengths, Tensor y, Tensor saved_gates, "
       "Tensor saved_c, Tensor saved_r, bool reverse, int checkpoint_every, int tbptt_chunk, float grad_clip, "
-      "str grad_clip_mode, bool record_norms, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-      "Tensor, Tensor)");
+      "str grad_clip_mode, bool record_norms, bool input_grad, str backend) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

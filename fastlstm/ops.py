@@ -47,10 +47,10 @@ def _layer_forward_fake(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, norm_probe, 
 @torch.library.register_fake("fastlstm::layer_backward")
 def _layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, y,
                          saved_gates, saved_c, saved_r, reverse, checkpoint_every, tbptt_chunk,
-                         grad_clip, grad_clip_mode, record_norms, backend):
+                         grad_clip, grad_clip_mode, record_norms, input_grad, backend):
     T = x.shape[0]
     return (
-        torch.empty_like(x),
+        torch.empty_like(x) if input_grad else x.new_empty((0,)),
         torch.empty_like(w_ih),
         torch.empty_like(w_hh),
         torch.empty_like(bias) if bias is not None else x.new_empty((0,)),
@@ -78,8 +78,8 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
     dx, dw_ih, dw_hh, dbias, dw_hr, dh0, dc0, norms = _layer_backward(
         grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, y, saved_gates,
         saved_c, saved_r, reverse, checkpoint_every, tbptt_chunk, grad_clip, grad_clip_mode,
-        ctx.record_norms, ctx.backend)
-    return (dx, dw_ih, dw_hh, dbias if bias is not None else None, dw_hr if w_hr is not None else None,
+        ctx.record_norms, ctx.needs_input_grad[0], ctx.backend)
+    return (dx if ctx.needs_input_grad[0] else None, dw_ih, dw_hh, dbias if bias is not None else None, dw_hr if w_hr is not None else None,
             dh0, dc0, None, norms if ctx.record_norms else None,
             None, None, None, None, None, None)
 

@@ -111,6 +111,18 @@ inline void cell_epilogue(const ChunkRecurrenceArgs<T, T>& a, at::vec::Vectorize
   if (state) hv.store(state, cnt);
 }
 
+// Brings rows [0, B) x units of blocks [ub0, ub1) of a (B, width) slot array into cache ahead
+// of use: the per-step slices of the big gate and state buffers are scattered cache lines that
+// the hardware prefetcher does not anticipate, and each miss would otherwise stall a step.
+template <class T>
+void prefetch_units(const T* base, int64_t B, int64_t width, int64_t parts, int64_t part_stride, int64_t j0,
+                    int64_t j1) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t q = 0; q < parts; ++q)
+      for (int64_t j = j0; j < j1; j += kLine) __builtin_prefetch(base + b * width + q * part_stride + j, 0, 3);
+}
+
 // One forward tile: rows [row0, row0 + rows) x unit block ub, then the cell update.
 template <class T>
 void forward_tile(const ChunkRecurrenceArgs<T, T>& a, const T* panel, int64_t ub, int64_t row0, int64_t rows,
@@ -246,6 +258,10 @@ void fused_forward(const ChunkRecurrenceArgs<T, T>& a) {
       const int64_t prev = i == 0 ? -1 : (a.reverse ? a.T - s : s - 1) - a.tlo;
       const T* r_prev = prev < 0 ? a.r_init : a.r + prev * B * H;
       const T* c_prev = prev < 0 ? a.c_init : a.c + prev * B * H;
+      if (i + 1 < a.n) {
+        const int64_t next = (a.reverse ? a.T - 2 - s : s + 1) - a.tlo;
+        prefetch_units(a.gates + next * B * 4 * H, B, 4 * H, 4, H, ub0 * L, std::min(H, ub1 * L));
+      }
       // Unit block outermost: its panel stays in L1 across the row blocks.
       for (int64_t ub = ub0; ub < ub1; ++ub) {
         for (int64_t row0 = 0; row0 < B; row0 += R) {
@@ -260,6 +276,7 @@ void fused_forward(const ChunkRecurrenceArgs<T, T>& a) {
 template <class T>
 void fused_backward(const ChunkRecurrenceArgs<T, T>& a) {
   if (a.B == 0 || a.H == 0 || a.n == 0) return;
+  constexpr int L = Blocking<T>::L;
   const int64_t H = a.H, B = a.B, blocks = unit_blocks<T>(H);
   const at::Tensor packed = pack_backward(a.w_hh, H);
   const T* p = packed.data_ptr<T>();
@@ -271,6 +288,12 @@ void fused_backward(const ChunkRecurrenceArgs<T, T>& a) {
       const T* c_prev = prev < 0 ? a.c_init : a.c + prev * B * H;
       T* dgates = a.dgates + slot * B * 4 * H;
       T* norms = a.norm_partial ? a.norm_partial + t * 2 * B * blocks : nullptr;
+      if (i > 0) {
+        const int64_t next = (a.reverse ? a.T - s : s - 1) - a.tlo, j0 = ub0 * L, j1 = std::min(H, ub1 * L);
+        prefetch_units(a.gates + next * B * 4 * H, B, 4 * H, 4, H, j0, j1);
+        prefetch_units(a.c + next * B * H, B, H, 1, 0, j0, j1);
+        if (a.dy) prefetch_units(a.dy + (a.tlo + next) * B * H, B, H, 1, 0, j0, j1);
+      }
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t ub = ub0; ub < ub1; ++ub) {
           T sum_h, sum_c;
@@ -282,17 +305,20 @@ void fused_backward(const ChunkRecurrenceArgs<T, T>& a) {
         }
       }
       barrier.arrive_and_wait(weight);  // dG_t complete for every unit
-      for (int64_t ub = ub0; ub < ub1; ub += 3) {
+      // Groups of 3 unit blocks (2 + 2 for a remainder of 4: a lone block reuses its loads poorly).
+      for (int64_t ub = ub0; ub < ub1;) {
+        const int64_t left = ub1 - ub, group = left == 4 ? 2 : std::min<int64_t>(3, left);
         for (int64_t row0 = 0; row0 < B; row0 += 4) {
           const int64_t rows = std::min<int64_t>(4, B - row0);
-          if (ub + 3 <= ub1) {
+          if (group == 3) {
             carry_tile<T, 3>(a, p, ub, row0, rows, dgates);
-          } else if (ub + 2 == ub1) {
+          } else if (group == 2) {
             carry_tile<T, 2>(a, p, ub, row0, rows, dgates);
           } else {
             carry_tile<T, 1>(a, p, ub, row0, rows, dgates);
           }
         }
+        ub += group;
       }
       // The next step's cell backward reads only this thread's own carries: no barrier needed.
     }

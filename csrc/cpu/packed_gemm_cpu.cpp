@@ -90,14 +90,20 @@ void PackedMatrix<T>::multiply(int64_t M, const T* A, T* C, bool accumulate) con
     return;
   }
   using Tl = Tiling<T>;
+  // Tiles run in (row chunk, panel, row block) order: a panel stays in cache across the row
+  // blocks of a chunk, and a chunk of A stays in cache across the panels.
+  constexpr int64_t kChunkBlocks = 16;
   const int64_t row_blocks = (M + Tl::kRows - 1) / Tl::kRows;
-  const int64_t tiles = row_blocks * panels_;
+  const int64_t chunks = (row_blocks + kChunkBlocks - 1) / kChunkBlocks;
+  const int64_t tiles = chunks * panels_ * kChunkBlocks;
   // Below ~100k multiply-adds the work is shorter than waking a second thread.
   const int64_t grain = M * cols_ * rows_ < (1 << 17) ? tiles : 1;
   const T* packed = storage_.data_ptr<T>();
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t p = t % panels_, rb = t / panels_;
+      const int64_t rb = (t / (panels_ * kChunkBlocks)) * kChunkBlocks + t % kChunkBlocks;
+      const int64_t p = (t / kChunkBlocks) % panels_;
+      if (rb >= row_blocks) continue;
       const int64_t row0 = rb * Tl::kRows, col0 = p * Tl::kWidth;
       tile<T>(rows_, A + row0 * rows_, std::min<int64_t>(Tl::kRows, M - row0), packed + p * rows_ * Tl::kWidth,
               C + row0 * cols_ + col0, cols_, std::min<int64_t>(Tl::kWidth, cols_ - col0), accumulate);

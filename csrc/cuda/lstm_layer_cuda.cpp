@@ -93,9 +93,10 @@ BackwardOut layer_backward(const std::optional<at::Tensor>& grad_y, const std::o
                            const std::optional<at::Tensor>& lengths, const at::Tensor& y,
                            const at::Tensor& saved_gates, const at::Tensor& saved_c, const at::Tensor& saved_r,
                            bool reverse, int64_t checkpoint_every, int64_t tbptt_chunk, double grad_clip,
-                           c10::string_view grad_clip_mode, bool record_norms, c10::string_view backend) {
+                           c10::string_view grad_clip_mode, bool record_norms, bool input_grad,
+                           c10::string_view backend) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const BackwardOptions opts = backward_options(tbptt_chunk, grad_clip, grad_clip_mode, record_norms);
+  const BackwardOptions opts = backward_options(tbptt_chunk, grad_clip, grad_clip_mode, record_norms, input_grad);
   const auto dtype = x.scalar_type();
   const LayerInputs in = LayerInputs(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths).cast(dtype);
   const bool persistent = use_persistent(backend, in);

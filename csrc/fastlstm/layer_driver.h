@@ -115,7 +115,7 @@ class LayerDriver {
     at::Tensor norm_partial =
         opts.record_norms ? new_buffer({T_, 2, B_, tiles}, acc_opts_) : at::Tensor();
     at::Tensor dh_ws = proj_ ? new_buffer({B_, H_}, acc_opts_) : at::Tensor();
-    out.dx = new_buffer({T_, B_, I_}, x_.options());
+    out.dx = opts.input_grad ? new_buffer({T_, B_, I_}, x_.options()) : at::empty({0}, x_.options());
 
     // Gate gradients (and dL/dr_t for projections) for one chunk at a time, or for all of T.
     at::Tensor dgates = new_buffer({chunk_, B_, 4 * H_}, x_.options());
@@ -205,21 +205,18 @@ class LayerDriver {
       // Weight and input gradients of the chunk as large GEMMs.
       const at::Tensor dg = dgates.narrow(0, 0, n).view({n * B_, 4 * H_});
       const at::Tensor xc = x_.narrow(0, tlo, n).view({n * B_, I_});
-      out.dx.narrow(0, tlo, n).view({n * B_, I_}).copy_(at::mm(dg, w_ih_));
+      if (opts.input_grad) {
+        Policy::template gemm_nn<scalar_t, scalar_t>(n * B_, I_, 4 * H_, dg.data_ptr<scalar_t>(), w_ih_.data_ptr<scalar_t>(),
+                                                     out.dx.data_ptr<scalar_t>() + tlo * B_ * I_, false);
+      }
       accumulate(dw_ih, at::mm(dg.t(), xc));
       if (bias_.defined()) accumulate(dbias, dg.sum(0, false, acc_type_));
+      // dW_hh = sum_t dG_t^T r_{t-1}: the states each step read, r_init first in processing order,
+      // gathered into one contiguous block so the product is a single large GEMM.
       const at::Tensor r_blk = slot_range(st.r, tlo, tlo, n, K_, x_.options());
-      const at::Tensor r0 = at::from_blob(const_cast<scalar_t*>(r_init), {B_, K_}, x_.options());
-      const at::Tensor dg3 = dgates.narrow(0, 0, n);
-      // dW_hh = sum_t dG_t^T r_{t-1}; the first processed step reads the chunk's initial state.
-      const int64_t first = reverse_ ? n - 1 : 0;
-      at::Tensor part = at::mm(dg3[first].t(), r0);
-      if (n > 1) {
-        const at::Tensor dg_rest = reverse_ ? dg3.narrow(0, 0, n - 1) : dg3.narrow(0, 1, n - 1);
-        const at::Tensor r_prev = reverse_ ? r_blk.narrow(0, 1, n - 1) : r_blk.narrow(0, 0, n - 1);
-        part.addmm_(dg_rest.reshape({(n - 1) * B_, 4 * H_}).t(), r_prev.reshape({(n - 1) * B_, K_}));
-      }
-      accumulate(dw_hh, part);
+      const at::Tensor r0 = at::from_blob(const_cast<scalar_t*>(r_init), {1, B_, K_}, x_.options());
+      const at::Tensor r_prev = reverse_ ? at::cat({r_blk.narrow(0, 1, n - 1), r0}) : at::cat({r0, r_blk.narrow(0, 0, n - 1)});
+      accumulate(dw_hh, at::mm(dg.t(), r_prev.view({n * B_, K_})));
       if (proj_) {
         const at::Tensor g_blk = slot_range(st.gates, tlo, tlo, n, 4 * H_, acc_opts_);
         const at::Tensor c_blk = slot_range(st.c, tlo, tlo, n, H_, acc_opts_);

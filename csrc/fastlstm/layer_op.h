@@ -25,7 +25,7 @@ inline Backend parse_backend(std::string_view s) {
 }
 
 inline BackwardOptions backward_options(int64_t tbptt_chunk, double grad_clip, std::string_view clip_mode,
-                                        bool record_norms) {
+                                        bool record_norms, bool input_grad = true) {
   TORCH_CHECK(tbptt_chunk >= 0, "fastlstm: tbptt_chunk must be >= 0 (0 disables truncation), got ", tbptt_chunk);
   TORCH_CHECK(grad_clip >= 0, "fastlstm: grad_clip must be >= 0 (0 disables clipping), got ", grad_clip);
   TORCH_CHECK(clip_mode == "recurrent" || clip_mode == "gates",
@@ -35,6 +35,7 @@ inline BackwardOptions backward_options(int64_t tbptt_chunk, double grad_clip, s
   o.clip_recurrent = clip_mode == "recurrent" ? grad_clip : 0.0;
   o.clip_gates = clip_mode == "gates" ? grad_clip : 0.0;
   o.record_norms = record_norms;
+  o.input_grad = input_grad;
   return o;
 }
 

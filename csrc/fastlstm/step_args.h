@@ -73,6 +73,7 @@ struct BackwardOptions {
   double clip_recurrent = 0; // 0: off
   double clip_gates = 0;     // 0: off
   bool record_norms = false;
+  bool input_grad = true;    // false: dL/dx is not needed and not computed
 };
 
 // Arguments of a policy's fused whole-chunk recurrence (persistent CUDA kernels, fused CPU
