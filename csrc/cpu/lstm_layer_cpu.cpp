@@ -14,70 +14,86 @@
 namespace fastlstm::cpu {
 namespace {
 
-// The packed kernel beats MKL's sgemm on the big products of a layer (input projection, dL/dx)
-// up to a reduction depth of 512 (measured on AVX-512 and AVX2 machines); beyond that, and for
-// the small per-step products of projection layers (where packing would not pay off), ATen's mm.
-bool use_packed(int64_t M, int64_t depth) { return M >= 256 && depth <= 512; }
+// The packed kernel beats MKL's sgemm on this library's products up to a reduction depth of 512
+// (measured on AVX-512 and AVX2 machines); deeper products go to ATen's mm.
+constexpr int64_t kPackedMaxDepth = 512;
 
 struct CpuPolicy {
-  // C[M, N] (+)= A[M, K] B[N, K]^T, all row-major.
-  template <class S, class C>
-  static void gemm_nt(int64_t M, int64_t N, int64_t K, const S* A, const S* B, C* out, bool accumulate) {
-    static_assert(std::is_same_v<S, C>, "the CPU path computes in one dtype");
-    if (use_packed(M, K)) {
-      PackedMatrix<S>(B, K, N, 1, K).multiply(M, A, out, accumulate);
-      return;
-    }
-    const auto o = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
-    const at::Tensor a = at::from_blob(const_cast<S*>(A), {M, K}, o);
-    const at::Tensor b = at::from_blob(const_cast<S*>(B), {N, K}, o);
-    at::Tensor c = at::from_blob(out, {M, N}, o);
-    if (accumulate) {
-      c.addmm_(a, b.t());
-    } else {
-      at::mm_out(c, a, b.t());
-    }
-  }
-
-  // C[M, N] (+)= A[M, K] B[K, N], all row-major.
-  template <class S, class C>
-  static void gemm_nn(int64_t M, int64_t N, int64_t K, const S* A, const S* B, C* out, bool accumulate) {
-    static_assert(std::is_same_v<S, C>, "the CPU path computes in one dtype");
-    if (use_packed(M, K)) {
-      PackedMatrix<S>(B, K, N, N, 1).multiply(M, A, out, accumulate);
-      return;
-    }
-    const auto o = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
-    const at::Tensor a = at::from_blob(const_cast<S*>(A), {M, K}, o);
-    const at::Tensor b = at::from_blob(const_cast<S*>(B), {K, N}, o);
-    at::Tensor c = at::from_blob(out, {M, N}, o);
-    if (accumulate) {
-      c.addmm_(a, b);
-    } else {
-      at::mm_out(c, a, b);
-    }
-  }
-
-  // W_hh packed once per layer call, for each direction of use.
+  // A weight W (rows x cols) for repeated products; each packed layout is made once, on first use.
   template <class S>
-  class Recurrent {
+  class Matrix {
    public:
-    explicit Recurrent(const at::Tensor& w_hh) : w_(w_hh) {}
-    // gates[B, 4H] += r[B, K] W_hh^T
-    void forward(int64_t B, const S* r, S* gates) {
-      if (w_t_.empty()) w_t_ = PackedMatrix<S>(w_.data_ptr<S>(), w_.size(1), w_.size(0), 1, w_.size(1));
-      w_t_.multiply(B, r, gates, true);
+    explicit Matrix(const at::Tensor& w) : w_(w) {}
+
+    // out[M, rows] (+)= A[M, cols] W^T
+    template <class C>
+    void times_transposed(int64_t M, const S* A, C* out, bool accumulate) {
+      static_assert(std::is_same_v<S, C>, "the CPU path computes in one dtype");
+      const int64_t rows = w_.size(0), cols = w_.size(1);
+      if (cols <= kPackedMaxDepth) {
+        if (transposed_.empty()) transposed_ = PackedMatrix<S>(w_.data_ptr<S>(), cols, rows, 1, cols);
+        transposed_.multiply(M, A, out, accumulate);
+      } else {
+        mm(M, rows, A, w_.t(), out, accumulate);
+      }
     }
-    // carry[B, K] += dG[B, 4H] W_hh
-    void backward(int64_t B, const S* dgates, S* carry) {
-      if (w_n_.empty()) w_n_ = PackedMatrix<S>(w_.data_ptr<S>(), w_.size(0), w_.size(1), w_.size(1), 1);
-      w_n_.multiply(B, dgates, carry, true);
+
+    // out[M, cols] (+)= A[M, rows] W
+    template <class C>
+    void times(int64_t M, const S* A, C* out, bool accumulate) {
+      static_assert(std::is_same_v<S, C>, "the CPU path computes in one dtype");
+      const int64_t rows = w_.size(0), cols = w_.size(1);
+      if (rows <= kPackedMaxDepth) {
+        if (plain_.empty()) plain_ = PackedMatrix<S>(w_.data_ptr<S>(), rows, cols, cols, 1);
+        plain_.multiply(M, A, out, accumulate);
+      } else {
+        mm(M, cols, A, w_, out, accumulate);
+      }
     }
 
    private:
+    static void mm(int64_t M, int64_t N, const S* A, const at::Tensor& b, S* out, bool accumulate) {
+      const at::Tensor a = at::from_blob(const_cast<S*>(A), {M, b.size(0)}, b.options());
+      at::Tensor c = at::from_blob(out, {M, N}, b.options());
+      if (accumulate) {
+        c.addmm_(a, b);
+      } else {
+        at::mm_out(c, a, b);
+      }
+    }
+
     at::Tensor w_;
-    PackedMatrix<S> w_t_, w_n_;
+    PackedMatrix<S> transposed_, plain_;
   };
+
+  // W_hh for the step products and the fused recurrence, each layout packed once per call.
+  template <class S>
+  class Recurrent {
+   public:
+    explicit Recurrent(const at::Tensor& w_hh) : w_(w_hh), mat_(w_hh) {}
+    // gates[B, 4H] += r[B, K] W_hh^T
+    void forward(int64_t B, const S* r, S* gates) { mat_.times_transposed(B, r, gates, true); }
+    // carry[B, K] += dG[B, 4H] W_hh
+    void backward(int64_t B, const S* dgates, S* carry) { mat_.times(B, dgates, carry, true); }
+    void fused_forward(const ChunkRecurrenceArgs<S, S>& a) {
+      if (!fused_fwd_.defined()) fused_fwd_ = pack_fused_forward<S>(w_.data_ptr<S>(), w_.size(1));
+      cpu::fused_forward<S>(a, fused_fwd_.data_ptr<S>());
+    }
+    void fused_backward(const ChunkRecurrenceArgs<S, S>& a) {
+      if (!fused_bwd_.defined()) fused_bwd_ = pack_fused_backward<S>(w_.data_ptr<S>(), w_.size(1));
+      cpu::fused_backward<S>(a, fused_bwd_.data_ptr<S>());
+    }
+
+   private:
+    at::Tensor w_, fused_fwd_, fused_bwd_;
+    Matrix<S> mat_;
+  };
+
+  // Enough steps for an efficient input-projection GEMM (>= 256 rows), few enough that its
+  // output (about 512 KiB) is still in cache when the recurrence reads it.
+  static int64_t projection_steps(int64_t B, int64_t H) {
+    return std::max<int64_t>({8, (256 + B - 1) / std::max<int64_t>(B, 1), (1 << 17) / std::max<int64_t>(4 * B * H, 1)});
+  }
 
   template <class S>
   static int64_t norm_tiles(int64_t H, int64_t, bool fused) { return fused ? unit_blocks<S>(H) : 1; }
@@ -91,10 +107,6 @@ struct CpuPolicy {
   template <class S>
   static void state_select(const StateSelectArgs<S>& a) { cpu::state_select<S>(a); }
 
-  template <class S, class A>
-  static void recurrence_forward(const ChunkRecurrenceArgs<S, A>& a) { fused_forward<S>(a); }
-  template <class S, class A>
-  static void recurrence_backward(const ChunkRecurrenceArgs<S, A>& a) { fused_backward<S>(a); }
 };
 
 at::ScalarType compute_dtype(at::ScalarType t) {

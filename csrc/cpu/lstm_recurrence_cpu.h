@@ -1,6 +1,8 @@
 // The fused CPU recurrence: one parallel region for all the steps of a chunk (no projection).
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <cstdint>
 
 #include "../fastlstm/step_args.h"
@@ -12,9 +14,15 @@ namespace fastlstm::cpu {
 template <class T>
 int64_t unit_blocks(int64_t H);
 
+// W_hh (4H, H) rearranged for the fused kernels, once per layer call.
 template <class T>
-void fused_forward(const ChunkRecurrenceArgs<T, T>& a);
+at::Tensor pack_fused_forward(const T* w_hh, int64_t H);
 template <class T>
-void fused_backward(const ChunkRecurrenceArgs<T, T>& a);
+at::Tensor pack_fused_backward(const T* w_hh, int64_t H);
+
+template <class T>
+void fused_forward(const ChunkRecurrenceArgs<T, T>& a, const T* packed);
+template <class T>
+void fused_backward(const ChunkRecurrenceArgs<T, T>& a, const T* packed);
 
 }  // namespace fastlstm::cpu

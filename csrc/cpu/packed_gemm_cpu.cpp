@@ -8,6 +8,8 @@
 
 #include <algorithm>
 
+#include "static_for.h"
+
 namespace fastlstm::cpu {
 namespace {
 
@@ -27,40 +29,32 @@ void tile(int64_t depth, const T* A, int64_t rows_valid, const T* panel, T* C, i
   using V = typename Tl::V;
   constexpr int R = Tl::kRows, NV = Tl::kVecs, L = V::size();
   V acc[R][NV];
-#pragma GCC unroll 4
-  for (int m = 0; m < R; ++m) {
-#pragma GCC unroll 3
-    for (int v = 0; v < NV; ++v) acc[m][v] = V(T(0));
-  }
   const T* a[R];
-  for (int m = 0; m < R; ++m) a[m] = A + std::min<int64_t>(m, rows_valid - 1) * depth;  // spare rows repeat
+  static_for<R>([&](auto m) {
+    a[m] = A + std::min<int64_t>(m, rows_valid - 1) * depth;  // spare rows repeat the last one
+    static_for<NV>([&](auto v) { acc[m][v] = V(T(0)); });
+  });
   for (int64_t k = 0; k < depth; ++k) {
     const T* p = panel + k * Tl::kWidth;
     V b[NV];
-#pragma GCC unroll 3
-    for (int v = 0; v < NV; ++v) b[v] = V::loadu(p + v * L);
-#pragma GCC unroll 4
-    for (int m = 0; m < R; ++m) {
+    static_for<NV>([&](auto v) { b[v] = V::loadu(p + v * L); });
+    static_for<R>([&](auto m) {
       const V s(a[m][k]);
-#pragma GCC unroll 3
-      for (int v = 0; v < NV; ++v) acc[m][v] = at::vec::fmadd(s, b[v], acc[m][v]);
-    }
+      static_for<NV>([&](auto v) { acc[m][v] = at::vec::fmadd(s, b[v], acc[m][v]); });
+    });
   }
-  // Constant indices only (the loops are unrolled), so acc stays in registers.
-#pragma GCC unroll 4
-  for (int m = 0; m < R; ++m) {
-    if (m >= rows_valid) break;
-#pragma GCC unroll 3
-    for (int v = 0; v < NV; ++v) {
+  static_for<R>([&](auto m) {
+    if (m >= rows_valid) return;
+    static_for<NV>([&](auto v) {
       const int64_t col = static_cast<int64_t>(v) * L;
-      if (col >= cols_valid) break;
+      if (col >= cols_valid) return;
       const int64_t count = std::min<int64_t>(L, cols_valid - col);
       T* c = C + m * ldc + col;
       V r = acc[m][v];
       if (accumulate) r = r + V::loadu(c, count);
       r.store(c, count);
-    }
-  }
+    });
+  });
 }
 
 }  // namespace

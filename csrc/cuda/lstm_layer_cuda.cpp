@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "../fastlstm/layer_op.h"
 #include "cublas_gemm.h"
 #include "lstm_cell_cuda.h"
@@ -16,25 +18,42 @@ namespace fastlstm::cuda {
 namespace {
 
 struct CudaPolicy {
-  template <class S, class C>
-  static void gemm_nt(int64_t M, int64_t N, int64_t K, const S* A, const S* B, C* out, bool accumulate) {
-    cuda::gemm_nt<S, C>(M, N, K, A, B, out, accumulate);
-  }
-  template <class S, class C>
-  static void gemm_nn(int64_t M, int64_t N, int64_t K, const S* A, const S* B, C* out, bool accumulate) {
-    cuda::gemm_nn<S, C>(M, N, K, A, B, out, accumulate);
-  }
+  // A weight W (rows x cols): products are cuBLAS calls on its memory.
   template <class S>
-  class Recurrent {
+  class Matrix {
    public:
-    using A = at::opmath_type<S>;
-    explicit Recurrent(const at::Tensor& w_hh) : w_(w_hh.data_ptr<S>()), rows_(w_hh.size(0)), cols_(w_hh.size(1)) {}
-    void forward(int64_t B, const S* r, A* gates) { cuda::gemm_nt<S, A>(B, rows_, cols_, r, w_, gates, true); }
-    void backward(int64_t B, const S* dgates, A* carry) { cuda::gemm_nn<S, A>(B, cols_, rows_, dgates, w_, carry, true); }
+    explicit Matrix(const at::Tensor& w) : w_(w.data_ptr<S>()), rows_(w.size(0)), cols_(w.size(1)) {}
+    // out[M, rows] (+)= A[M, cols] W^T
+    template <class C>
+    void times_transposed(int64_t M, const S* A, C* out, bool accumulate) {
+      gemm_nt<S, C>(M, rows_, cols_, A, w_, out, accumulate);
+    }
+    // out[M, cols] (+)= A[M, rows] W
+    template <class C>
+    void times(int64_t M, const S* A, C* out, bool accumulate) {
+      gemm_nn<S, C>(M, cols_, rows_, A, w_, out, accumulate);
+    }
 
    private:
     const S* w_;
     int64_t rows_, cols_;
+  };
+
+  // One input-projection GEMM for the whole chunk: the GPU wants the largest GEMM it can get.
+  static int64_t projection_steps(int64_t, int64_t) { return std::numeric_limits<int64_t>::max(); }
+
+  template <class S>
+  class Recurrent {
+   public:
+    using A = at::opmath_type<S>;
+    explicit Recurrent(const at::Tensor& w_hh) : mat_(w_hh) {}
+    void forward(int64_t B, const S* r, A* gates) { mat_.times_transposed(B, r, gates, true); }
+    void backward(int64_t B, const S* dgates, A* carry) { mat_.times(B, dgates, carry, true); }
+    void fused_forward(const ChunkRecurrenceArgs<S, A>& a) { persistent_forward<S, A>(a); }
+    void fused_backward(const ChunkRecurrenceArgs<S, A>& a) { persistent_backward<S, A>(a); }
+
+   private:
+    Matrix<S> mat_;
   };
 
   template <class S>
@@ -52,10 +71,6 @@ struct CudaPolicy {
   static void proj_backward(const BackwardProjArgs<S, A>& a) { cuda::proj_backward<S, A>(a); }
   template <class S>
   static void state_select(const StateSelectArgs<S>& a) { cuda::state_select<S>(a); }
-  template <class S, class A>
-  static void recurrence_forward(const ChunkRecurrenceArgs<S, A>& a) { persistent_forward<S, A>(a); }
-  template <class S, class A>
-  static void recurrence_backward(const ChunkRecurrenceArgs<S, A>& a) { persistent_backward<S, A>(a); }
 };
 
 // "auto" runs the stepwise kernels until the persistent ones have been validated on a GPU;

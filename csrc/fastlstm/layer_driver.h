@@ -10,9 +10,11 @@
 // or H, gates (T, B, 4H). "Steps" count in processing order (s = t forward, s = T-1-t reverse);
 // "times" index the tensors.
 //
-// Policy contract: gemm_nt / gemm_nn (row-major GEMMs), Recurrent<scalar_t> (gates += r W_hh^T
-// and carry += dG W_hh for one step), the pointwise kernels of step_args.h, norm_tiles, and
-// recurrence_forward / recurrence_backward for a fused_recurrence whole-chunk recurrence.
+// Policy contract: Matrix<scalar_t>, a weight prepared once per call for repeated products
+// (times_transposed: out = A W^T, times: out = A W); Recurrent<scalar_t>, the same for W_hh plus
+// fused_forward / fused_backward, a whole-chunk recurrence; projection_steps (how many steps of
+// input projection to run ahead of the recurrence); norm_tiles; the pointwise kernels of
+// step_args.h.
 //
 // Memory modes: with checkpoint_every = 0 the forward saves the activated gates and the cell
 // state of every step. With checkpoint_every = k it saves only the state (r, c) at the start of
@@ -26,6 +28,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "buffers.h"
@@ -59,7 +62,9 @@ class LayerDriver {
         nchunks_((T_ + chunk_ - 1) / chunk_),
         checkpointing_(checkpoint_every > 0),
         acc_type_(c10::CppTypeToScalarType<acc_t>::value), acc_opts_(x.options().dtype(acc_type_)),
-        recurrent_(w_hh) {}
+        w_ih_mat_(w_ih), recurrent_(w_hh) {
+    if (proj_) w_hr_mat_.emplace(w_hr);
+  }
 
   LayerForwardResult forward(const at::Tensor& h0, const at::Tensor& c0) {
     LayerForwardResult out;
@@ -151,7 +156,7 @@ class LayerDriver {
         a.carry_c = carry_c.data_ptr<acc_t>();
         a.norm_partial = norm_ptr;
         a.opts = opts;
-        Policy::recurrence_backward(a);
+        recurrent_.fused_backward(a);
       } else {
         for (int64_t i = n - 1; i >= 0; --i) {
           const int64_t s = s0 + i, t = time_of(s), slot = t - tlo;
@@ -186,8 +191,7 @@ class LayerDriver {
             p.tbptt_chunk = opts.tbptt_chunk;
             p.clip_recurrent = a.clip_recurrent;
             Policy::proj_backward(p);
-            Policy::template gemm_nn<scalar_t, acc_t>(B_, H_, K_, p.dr_total, w_hr_.data_ptr<scalar_t>(),
-                                                      dh_ws.data_ptr<acc_t>(), false);
+            w_hr_mat_->times(B_, p.dr_total, dh_ws.data_ptr<acc_t>(), false);
             a.dy = nullptr;
             a.dh_in = dh_ws.data_ptr<acc_t>();
             a.dh_pass = nullptr;
@@ -206,8 +210,7 @@ class LayerDriver {
       const at::Tensor dg = dgates.narrow(0, 0, n).view({n * B_, 4 * H_});
       const at::Tensor xc = x_.narrow(0, tlo, n).view({n * B_, I_});
       if (opts.input_grad) {
-        Policy::template gemm_nn<scalar_t, scalar_t>(n * B_, I_, 4 * H_, dg.data_ptr<scalar_t>(), w_ih_.data_ptr<scalar_t>(),
-                                                     out.dx.data_ptr<scalar_t>() + tlo * B_ * I_, false);
+        w_ih_mat_.times(n * B_, dg.data_ptr<scalar_t>(), out.dx.data_ptr<scalar_t>() + tlo * B_ * I_, false);
       }
       accumulate(dw_ih, at::mm(dg.t(), xc));
       if (bias_.defined()) accumulate(dbias, dg.sum(0, false, acc_type_));
@@ -326,15 +329,30 @@ class LayerDriver {
   }
 
   // Runs processing steps [s0, s0 + n) into the chunk's slots, from state (r_init, c_init).
+  // Runs processing steps [s0, s0 + n) into the chunk's slots, from state (r_init, c_init). The
+  // input projection runs a block of Policy::projection_steps at a time, just before the block's
+  // recurrence, so its output is still in cache when the recurrence reads it.
   void chunk_forward(int64_t s0, int64_t n, const Storage& st, const scalar_t* r_init, const acc_t* c_init) {
-    const int64_t tlo = st.tlo;
-    // Input projection of the whole block: gates = x W_ih^T (the cell kernels add the bias).
-    Policy::template gemm_nt<scalar_t, acc_t>(n * B_, 4 * H_, I_, x_.data_ptr<scalar_t>() + tlo * B_ * I_,
-                                              w_ih_.data_ptr<scalar_t>(), st.gates, false);
-    if (fused_) {
-      Policy::recurrence_forward(recurrence_args(st, s0, n, r_init, c_init));
-      return;
+    const int64_t block = std::max<int64_t>(1, std::min(n, Policy::projection_steps(B_, H_)));
+    for (int64_t i0 = 0; i0 < n; i0 += block) {
+      const int64_t m = std::min(block, n - i0), tb = block_start(s0 + i0, m);
+      // gates = x W_ih^T for the block (the cell kernels add the bias)
+      w_ih_mat_.times_transposed(m * B_, x_.data_ptr<scalar_t>() + tb * B_ * I_,
+                                 st.gates + (tb - st.tlo) * B_ * 4 * H_, false);
+      const int64_t before = i0 == 0 ? -1 : time_of(s0 + i0 - 1) - st.tlo;
+      const scalar_t* r0 = before < 0 ? r_init : st.r + before * B_ * K_;
+      const acc_t* c0 = before < 0 ? c_init : st.c + before * B_ * H_;
+      if (fused_) {
+        recurrent_.fused_forward(recurrence_args(st, s0 + i0, m, r0, c0));
+      } else {
+        forward_steps(s0 + i0, m, st, r0, c0);
+      }
     }
+  }
+
+  // The step-by-step recurrence: per step a GEMM with W_hh and the fused cell kernel.
+  void forward_steps(int64_t s0, int64_t n, const Storage& st, const scalar_t* r_init, const acc_t* c_init) {
+    const int64_t tlo = st.tlo;
     at::Tensor hbuf = proj_ ? new_buffer({B_, H_}, x_.options()) : at::Tensor();
     for (int64_t i = 0; i < n; ++i) {
       const int64_t s = s0 + i, t = time_of(s), slot = t - tlo;
@@ -359,7 +377,7 @@ class LayerDriver {
       a.H = H_;
       Policy::cell_forward(a);
       if (proj_) {
-        Policy::template gemm_nt<scalar_t, scalar_t>(B_, K_, H_, a.h_out, w_hr_.data_ptr<scalar_t>(), y_t, false);
+        w_hr_mat_->times_transposed(B_, a.h_out, y_t, false);
         if (masked()) Policy::state_select(StateSelectArgs<scalar_t>{y_t, r_prev, r_t, lengths_ptr(), t, B_, K_});
       }
     }
@@ -383,6 +401,8 @@ class LayerDriver {
   const at::ScalarType acc_type_;
   const at::TensorOptions acc_opts_;
   // The per-step recurrent products with W_hh (the policy may prepare W_hh once for all steps).
+  typename Policy::template Matrix<scalar_t> w_ih_mat_;
+  std::optional<typename Policy::template Matrix<scalar_t>> w_hr_mat_;  // projection layers only
   typename Policy::template Recurrent<scalar_t> recurrent_;
 };
 

@@ -1,0 +1,17 @@
+// Compile-time loop: register tiles index their accumulator arrays only with constants, so the
+// compiler keeps them in registers (a runtime index forces them to the stack).
+#pragma once
+
+#include <type_traits>
+#include <utility>
+
+namespace fastlstm::cpu {
+
+template <int N, class F>
+inline void static_for(F&& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    (f(std::integral_constant<int, I>{}), ...);
+  }(std::make_integer_sequence<int, N>{});
+}
+
+}  // namespace fastlstm::cpu
