@@ -111,7 +111,20 @@ def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None, w_hr:
     direction starts each row at its own last element. ``norm_probe`` (2, T), when given, receives
     the per-step gradient norms of h and c as its gradient.
     """
+    checkpoint_every = options.checkpoint_every
+    if checkpoint_every == 0 and not _needs_grad(x, w_ih, w_hh, bias, w_hr, h0, c0):
+        # Nothing will run a backward: keep only chunk-sized work buffers instead of every step's
+        # gates and cell state (same results, memory independent of T).
+        checkpoint_every = INFERENCE_CHUNK
     y, h_n, c_n, _, _, _ = _layer_forward(
-        x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, norm_probe, reverse, options.checkpoint_every,
+        x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, norm_probe, reverse, checkpoint_every,
         options.tbptt_chunk, options.grad_clip, options.grad_clip_mode, options.backend)
     return y, h_n, c_n
+
+
+# Steps per work buffer when no backward will run.
+INFERENCE_CHUNK = 64
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
