@@ -35,6 +35,7 @@ std::tuple<bool, std::string> persistent_support(int64_t hidden_size, int64_t ba
 TORCH_LIBRARY(fastlstm, m) {
   // One layer and direction over a whole (padded) sequence. Returns
   // (y, h_n, c_n, saved_gates, saved_c, saved_r); the saved tensors feed layer_backward.
+  // checkpoint_every: 0 saves every step, k > 0 the state every k steps, -1 nothing (no backward).
   // tbptt_chunk, grad_clip, grad_clip_mode only affect the backward; norm_probe is an input whose
   // "gradient" is the per-step gradient norms (2, T) when record_norms is on.
   m.def(

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from .lstm import LSTM, LSTMCell
+from .lstm import LSTM, LSTMCell, reject_parametrized
 
 
 def convert(model: nn.Module, **options: Any) -> nn.Module:
@@ -21,6 +21,8 @@ def convert(model: nn.Module, **options: Any) -> nn.Module:
     converted model is returned; when ``model`` itself is an LSTM, the new module is returned.
     Subclasses of nn.LSTM are left alone (their forward may differ).
     """
+    if isinstance(model, (nn.LSTM, nn.LSTMCell)):
+        reject_parametrized(model)  # parametrize turns the module into a subclass: say so, do not skip it
     if type(model) is nn.LSTM:
         return LSTM.from_torch(model, **options)
     if type(model) is nn.LSTMCell:

@@ -41,8 +41,9 @@ def _check_hidden_dtype(hx: tuple[Tensor, Tensor], dtype: torch.dtype) -> None:
             raise RuntimeError(f"{name} dtype ({h.dtype}) does not match the input and weight dtype ({dtype})")
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    if torch.is_autocast_enabled(device.type):
+def _autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype autocast runs an LSTM in, or None. Like torch, autocast leaves float64 alone."""
+    if dtype != torch.float64 and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
 
@@ -76,6 +77,7 @@ class LSTM(nn.Module):
                  grad_clip_mode: str = "recurrent", record_grad_norms: bool = False,
                  checkpoint_every: int | None = None) -> None:
         super().__init__()
+        dropout_value = float(dropout)  # first, as in torch: float(None) is a TypeError
         if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
                              "element being zeroed")
@@ -94,10 +96,10 @@ class LSTM(nn.Module):
             raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
         if hidden_size <= 0:
             raise ValueError("hidden_size must be greater than zero")
-        if not isinstance(num_layers, int):
-            raise TypeError(f"'{type(num_layers).__name__}' object cannot be interpreted as an integer")
         if num_layers <= 0:
             raise ValueError("num_layers must be greater than zero")
+        if not isinstance(num_layers, int):
+            raise TypeError(f"'{type(num_layers).__name__}' object cannot be interpreted as an integer")
         if proj_size < 0:
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
         if proj_size >= hidden_size:
@@ -109,7 +111,7 @@ class LSTM(nn.Module):
         self.num_layers = num_layers
         self.bias = bias
         self.batch_first = batch_first
-        self.dropout = float(dropout)
+        self.dropout = dropout_value
         self.bidirectional = bidirectional
         self.proj_size = proj_size
         self.options = KernelOptions(backend=backend, tbptt_chunk=tbptt_chunk, grad_clip=grad_clip,
@@ -271,7 +273,7 @@ class LSTM(nn.Module):
                                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
             if not is_batched:
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        autocast = _autocast_dtype(data.device)
+        autocast = _autocast_dtype(data.device, data.dtype)
         self._check_forward_args(data, hx, batch, expected_dim, autocast is not None)
         weights = self._flat_weights
         _check_devices(data, hx, weights)
@@ -355,7 +357,7 @@ class LSTM(nn.Module):
         """
         if not isinstance(module, nn.LSTM):
             raise TypeError(f"from_torch expects a torch.nn.LSTM, got {type(module).__name__}")
-        _reject_parametrized(module)
+        reject_parametrized(module)
         new = cls(module.input_size, module.hidden_size, module.num_layers, module.bias, module.batch_first,
                   module.dropout, module.bidirectional, module.proj_size, device="meta", **options)
         _share_parameters(module, new)
@@ -364,7 +366,7 @@ class LSTM(nn.Module):
 
     def to_torch(self) -> nn.LSTM:
         """A torch.nn.LSTM with this module's configuration, sharing its parameters."""
-        _reject_parametrized(self)
+        reject_parametrized(self)
         new = nn.LSTM(self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first,
                       self.dropout, self.bidirectional, self.proj_size, device="meta")
         _share_parameters(self, new)
@@ -417,6 +419,8 @@ class LSTMCell(nn.Module):
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
+            if len(hx) != 2:
+                raise RuntimeError("lstm_cell expects two hidden states")
             for index, value in enumerate(hx):
                 if value.dim() not in (1, 2):
                     raise ValueError(f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got {value.dim()}D instead")
@@ -439,7 +443,7 @@ class LSTMCell(nn.Module):
                                    f"{self.hidden_size}")
         weights = [w for w in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh) if w is not None]
         _check_devices(input, hx, weights)
-        autocast = _autocast_dtype(input.device)
+        autocast = _autocast_dtype(input.device, input.dtype)
         dtype = autocast or self.weight_ih.dtype
         if autocast is None:
             if input.dtype != dtype:
@@ -460,7 +464,7 @@ class LSTMCell(nn.Module):
         """A fastlstm.LSTMCell with the configuration of ``module`` that shares its parameters."""
         if not isinstance(module, nn.LSTMCell):
             raise TypeError(f"from_torch expects a torch.nn.LSTMCell, got {type(module).__name__}")
-        _reject_parametrized(module)
+        reject_parametrized(module)
         new = cls(module.input_size, module.hidden_size, module.bias, device="meta", **options)
         _share_parameters(module, new)
         new.train(module.training)
@@ -468,14 +472,14 @@ class LSTMCell(nn.Module):
 
     def to_torch(self) -> nn.LSTMCell:
         """A torch.nn.LSTMCell with this module's configuration, sharing its parameters."""
-        _reject_parametrized(self)
+        reject_parametrized(self)
         new = nn.LSTMCell(self.input_size, self.hidden_size, self.bias, device="meta")
         _share_parameters(self, new)
         new.train(self.training)
         return new
 
 
-def _reject_parametrized(module: nn.Module) -> None:
+def reject_parametrized(module: nn.Module) -> None:
     if torch.nn.utils.parametrize.is_parametrized(module):
         raise NotImplementedError(
             f"cannot convert a {type(module).__name__} that has parametrizations (e.g. weight_norm); "

@@ -32,7 +32,9 @@ def _layer_forward_fake(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, norm_probe, 
     y = x.new_empty((T, B, K))
     h_n = x.new_empty((B, K))
     c_n = x.new_empty((B, H))
-    if checkpoint_every > 0:
+    if checkpoint_every == NO_BACKWARD:
+        gates, saved_c, saved_r = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc), x.new_empty((0,))
+    elif checkpoint_every > 0:
         chunks = math.ceil(T / min(checkpoint_every, T))
         gates = x.new_empty((0,), dtype=acc)
         saved_c = x.new_empty((chunks, B, H), dtype=acc)
@@ -112,18 +114,18 @@ def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None, w_hr:
     the per-step gradient norms of h and c as its gradient.
     """
     checkpoint_every = options.checkpoint_every
-    if checkpoint_every == 0 and not _needs_grad(x, w_ih, w_hh, bias, w_hr, h0, c0):
-        # Nothing will run a backward: keep only chunk-sized work buffers instead of every step's
-        # gates and cell state (same results, memory independent of T).
-        checkpoint_every = INFERENCE_CHUNK
+    if not _needs_grad(x, w_ih, w_hh, bias, w_hr, h0, c0, norm_probe):
+        # Nothing will run a backward: the kernels save nothing and work in chunk-sized buffers
+        # (same results, memory independent of T).
+        checkpoint_every = NO_BACKWARD
     y, h_n, c_n, _, _, _ = _layer_forward(
         x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, norm_probe, reverse, checkpoint_every,
         options.tbptt_chunk, options.grad_clip, options.grad_clip_mode, options.backend)
     return y, h_n, c_n
 
 
-# Steps per work buffer when no backward will run.
-INFERENCE_CHUNK = 64
+# checkpoint_every value telling the kernels that no backward will run (csrc/fastlstm/layer_driver.h).
+NO_BACKWARD = -1
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:

@@ -91,7 +91,7 @@ ForwardOut layer_forward(const at::Tensor& x, const at::Tensor& w_ih, const at::
                          c10::string_view backend) {
   const c10::cuda::CUDAGuard guard(x.device());
   backward_options(tbptt_chunk, grad_clip, grad_clip_mode, false);
-  TORCH_CHECK(checkpoint_every >= 0, "fastlstm: checkpoint_every must be >= 0, got ", checkpoint_every);
+  check_checkpoint_every(checkpoint_every);
   const LayerInputs in = LayerInputs(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths).cast(x.scalar_type());
   const bool persistent = use_persistent(backend, in);
   ForwardOut out;

@@ -45,6 +45,12 @@ struct LayerBackwardResult {
   at::Tensor dx, dw_ih, dw_hh, dbias, dw_hr, dh0, dc0, norms;
 };
 
+// checkpoint_every: 0 saves every step for the backward; k > 0 saves the state every k steps
+// (the backward recomputes the rest); kNoBackward saves nothing because no backward will run,
+// and the forward works through kInferenceChunk steps at a time in chunk-sized buffers.
+constexpr int64_t kNoBackward = -1;
+constexpr int64_t kInferenceChunk = 64;
+
 template <class Policy, class scalar_t>
 class LayerDriver {
  public:
@@ -58,9 +64,13 @@ class LayerDriver {
         reverse_(reverse), fused_(fused_recurrence),
         T_(x.size(0)), B_(x.size(1)), I_(x.size(2)), H_(w_hh.size(0) / 4),
         K_(w_hh.size(1)), proj_(w_hr.defined()),
-        chunk_(checkpoint_every > 0 ? std::min(checkpoint_every, x.size(0)) : x.size(0)),
+        chunk_(std::min(checkpoint_every > 0               ? checkpoint_every
+                        : checkpoint_every == kNoBackward ? kInferenceChunk
+                                                          : x.size(0),
+                        x.size(0))),
         nchunks_((T_ + chunk_ - 1) / chunk_),
-        checkpointing_(checkpoint_every > 0),
+        checkpointing_(checkpoint_every != 0),
+        no_backward_(checkpoint_every == kNoBackward),
         acc_type_(c10::CppTypeToScalarType<acc_t>::value), acc_opts_(x.options().dtype(acc_type_)),
         w_ih_mat_(w_ih), recurrent_(w_hh) {
     if (proj_) w_hr_mat_.emplace(w_hr);
@@ -81,28 +91,32 @@ class LayerDriver {
       out.c_n = slot_tensor(st.c, last, st.tlo, H_, acc_opts_).to(x_.scalar_type(), false, /*copy=*/true);
       return out;
     }
-    // Checkpointing: chunk-sized work buffers, the state saved at the start of every chunk.
+    // Checkpointing: chunk-sized work buffers, the state saved at the start of every chunk (or,
+    // with no backward to come, only the current chunk's initial state, in a ring of two).
     out.saved_gates = at::empty({0}, acc_opts_);
-    out.saved_r = new_buffer({nchunks_, B_, K_}, x_.options());
-    out.saved_c = new_buffer({nchunks_, B_, H_}, acc_opts_);
-    out.saved_r[0].copy_(h0);
-    out.saved_c[0].copy_(c0_acc);
+    const int64_t slots = no_backward_ ? 2 : nchunks_;
+    at::Tensor state_r = new_buffer({slots, B_, K_}, x_.options());
+    at::Tensor state_c = new_buffer({slots, B_, H_}, acc_opts_);
+    state_r[0].copy_(h0);
+    state_c[0].copy_(c0_acc);
     Workspace ws = chunk_workspace();
     for (int64_t ci = 0; ci < nchunks_; ++ci) {
       const int64_t s0 = ci * chunk_, n = std::min(chunk_, T_ - s0);
       Storage st = chunk_storage(ws, s0, n, out.y.data_ptr<scalar_t>() + block_start(s0, n) * B_ * K_);
-      chunk_forward(s0, n, st, out.saved_r[ci].data_ptr<scalar_t>(), out.saved_c[ci].data_ptr<acc_t>());
+      chunk_forward(s0, n, st, state_r[ci % slots].data_ptr<scalar_t>(), state_c[ci % slots].data_ptr<acc_t>());
       const int64_t last = time_of(s0 + n - 1);
       at::Tensor r_last = slot_tensor(st.r, last, st.tlo, K_, x_.options());
       at::Tensor c_last = slot_tensor(st.c, last, st.tlo, H_, acc_opts_);
       if (ci + 1 < nchunks_) {
-        out.saved_r[ci + 1].copy_(r_last);
-        out.saved_c[ci + 1].copy_(c_last);
+        state_r[(ci + 1) % slots].copy_(r_last);
+        state_c[(ci + 1) % slots].copy_(c_last);
       } else {
         out.h_n = r_last.clone();
         out.c_n = c_last.to(x_.scalar_type(), false, /*copy=*/true);
       }
     }
+    out.saved_r = no_backward_ ? at::empty({0}, x_.options()) : state_r;
+    out.saved_c = no_backward_ ? at::empty({0}, acc_opts_) : state_c;
     return out;
   }
 
@@ -397,7 +411,7 @@ class LayerDriver {
   const int64_t T_, B_, I_, H_, K_;
   const bool proj_;
   const int64_t chunk_, nchunks_;
-  const bool checkpointing_;
+  const bool checkpointing_, no_backward_;
   const at::ScalarType acc_type_;
   const at::TensorOptions acc_opts_;
   // The per-step recurrent products with W_hh (the policy may prepare W_hh once for all steps).

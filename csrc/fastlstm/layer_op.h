@@ -20,8 +20,13 @@ enum class Backend { Auto, Stepwise, Persistent };
 inline Backend parse_backend(std::string_view s) {
   if (s == "auto") return Backend::Auto;
   if (s == "stepwise") return Backend::Stepwise;
-  if (s == "fused_recurrence") return Backend::Persistent;
-  TORCH_CHECK(false, "fastlstm: backend must be one of 'auto', 'stepwise', 'fused_recurrence', got '", std::string(s), "'");
+  if (s == "persistent") return Backend::Persistent;
+  TORCH_CHECK(false, "fastlstm: backend must be one of 'auto', 'stepwise', 'persistent', got '", std::string(s), "'");
+}
+
+inline void check_checkpoint_every(int64_t checkpoint_every) {
+  TORCH_CHECK(checkpoint_every >= kNoBackward,
+              "fastlstm: checkpoint_every must be >= 0, or -1 when no backward will run; got ", checkpoint_every);
 }
 
 inline BackwardOptions backward_options(int64_t tbptt_chunk, double grad_clip, std::string_view clip_mode,
