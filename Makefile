@@ -1,4 +1,4 @@
-# Two entry points for a fresh clone (see README): `make demo` and `make test`.
+# Two entry points for a fresh clone (see README): `make demo` and `make test`; `make bench` too.
 # Both create .venv, install torch and the build tools, and build fastlstm in place.
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,6 +15,9 @@ install: $(BIN)/python
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+demo: install
+	$(BIN)/python benchmarks/demo_long_signal.py --quick
 
 bench: install
 	$(BIN)/python benchmarks/bench.py --quick

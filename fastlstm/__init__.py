@@ -16,9 +16,10 @@ from .diagnostics import GradNorms, plot_grad_norms
 from .dispatch import explain
 from .lstm import LSTM, LSTMCell
 from .options import KernelOptions
+from . import tbptt
 
 
 __version__ = "0.1.0"
 
-__all__ = ["LSTM", "LSTMCell", "convert", "plot_grad_norms", "GradNorms", "KernelOptions", "explain",
+__all__ = ["LSTM", "LSTMCell", "convert", "tbptt", "plot_grad_norms", "GradNorms", "KernelOptions", "explain",
            "cuda_compiled", "cpu_capability", "__version__"]

@@ -201,9 +201,12 @@ class LSTM(nn.Module):
 
     @property
     def grad_norms(self) -> GradNorms | None:
-        """Gradient norms of the last forward's backward (``record_grad_norms=True``), else None.
+        """Gradient norms recorded by the backward of the latest forward that recorded them.
 
-        Running backward twice through the same forward adds the two runs' norms.
+        None before such a backward. Forwards that do not record (option off, or no grad) leave the
+        last recording in place. The norms arrive as the gradient of an internal input, so they are
+        recorded by ``loss.backward()`` but not by ``torch.autograd.grad(loss, some_inputs)``;
+        running backward twice through one forward adds the two runs' norms.
         """
         probe = self._norm_probe
         if probe is None or probe.grad is None:
@@ -324,7 +327,8 @@ class LSTM(nn.Module):
             acc = torch.float64 if x.dtype == torch.float64 else torch.float32
             probe = torch.zeros(self.num_layers, directions, 2, x.size(0), dtype=acc, device=x.device,
                                 requires_grad=True)
-        self._norm_probe = probe
+            # The norms belong to the latest recording forward: an evaluation pass in between keeps them.
+            self._norm_probe = probe
         h_n, c_n = [], []
         layer_input = x
         for layer in range(self.num_layers):

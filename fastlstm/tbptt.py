@@ -93,8 +93,9 @@ Model = Callable[[Tensor, State], "tuple[Tensor, State]"]
 
 # Updates from which progress=None shows a bar.
 _AUTO_PROGRESS_UPDATES = 100
-# Loss tensors are turned into floats in batches (one device sync per batch, not per update).
-_LOSS_FLUSH = 256
+# Loss tensors on an accelerator are turned into floats in batches (one device sync per batch, not
+# per update); on the CPU at once.
+_LOSS_FLUSH = 64
 
 
 @dataclass
@@ -256,10 +257,14 @@ def _progress_bar(show: bool | None, total: int | None, k1: int) -> Any:
 
 
 def _resolve_batch_first(model: Any, batch_first: bool | None) -> bool:
+    own = getattr(model, "batch_first", None)
     if batch_first is None:
-        return bool(getattr(model, "batch_first", False))
+        return bool(own)
     if not isinstance(batch_first, bool):
         raise TypeError(f"batch_first must be a bool or None, got {type(batch_first).__name__}")
+    if isinstance(own, bool) and own != batch_first:
+        raise ValueError(f"batch_first={batch_first} but the model has batch_first={own}: the time dimension of "
+                         "x, y and the output must be the model's (leave batch_first=None to use the model's)")
     return batch_first
 
 
@@ -315,8 +320,9 @@ def run_stream(model: Model, stream: Iterable[tuple[Tensor, Tensor]], loss_fn: L
     """:func:`run` over a sequence that arrives in pieces: ``stream`` yields ``(x_piece, y_piece)``.
 
     Pieces may have any number of time steps (each x_piece and its y_piece the same number);
-    they are concatenated in time. Only the steps of the current window are kept, so neither the
-    sequence nor its length need to be known in advance. ``total_steps``, when known, sizes the
+    they are concatenated in time. Only the pieces that overlap the current window are kept (a
+    window that spans two pieces is copied into one tensor), so neither the whole sequence nor its
+    length need to be known in advance: memory is O(k2 + piece length). ``total_steps``, when known, sizes the
     progress bar. Other arguments as in :func:`run`.
     """
     k1, k2 = _check_k(k1, k1 if k2 is None else k2)
@@ -371,10 +377,15 @@ def run_stream(model: Model, stream: Iterable[tuple[Tensor, Tensor]], loss_fn: L
             optimizer.step()
 
             loss = loss.detach()
-            pending.append(loss.reshape(()))
-            if len(pending) >= _LOSS_FLUSH:
-                result.losses.extend(torch.stack(pending).tolist())
-                pending.clear()
+            if loss.device.type == "cpu":
+                result.losses.append(loss.item())
+            else:
+                # A copy: a reduction's output may be a view of its O(k) input buffer (mse_loss's is),
+                # which would keep that buffer alive for every pending update.
+                pending.append(loss.reshape(()).clone())
+                if len(pending) >= _LOSS_FLUSH:
+                    result.losses.extend(torch.stack(pending).tolist())
+                    pending.clear()
             result.steps.append(w.end - w.new_start)
             carried, result.state = detach_state(mid), detach_state(final)
             del out, out_new, outs, mid, final

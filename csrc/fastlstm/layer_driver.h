@@ -1,10 +1,11 @@
 // One layer-direction of an LSTM over a whole sequence: the orchestration shared by every device.
 //
-// The driver arranges buffers, runs the input projection as one GEMM per chunk of steps, walks the
-// recurrence step by step (a GEMM plus one fused pointwise kernel per step), and computes the
-// weight and input gradients as large GEMMs after the loop (DESIGN.md sections 2-4). What runs on
-// the device comes from the Policy: its GEMMs and its pointwise kernels, or, for the fused_recurrence
-// CUDA kernel, the whole recurrence of a chunk.
+// The driver arranges buffers, runs the input projection as large GEMMs, runs the recurrence, and
+// computes the weight and input gradients as large GEMMs after the loop (DESIGN.md sections 2-4).
+// The recurrence runs either step by step here (a GEMM with W_hh plus one fused pointwise kernel
+// per step: the CUDA "stepwise" backend, and CPU layers with a projection) or, with
+// fused_recurrence, as the Policy's own kernel for a whole chunk of steps (the persistent CUDA
+// kernels, the fused CPU recurrence).
 //
 // Layout: everything is time-major and row-major. x (T, B, I), y (T, B, K) with K = P (proj_size)
 // or H, gates (T, B, 4H). "Steps" count in processing order (s = t forward, s = T-1-t reverse);

@@ -1,0 +1,380 @@
+"""In-kernel truncated BPTT (``tbptt_chunk=k``) against an independent reference.
+
+The reference is torch.nn.LSTM itself, run over the sequence in chunks of k steps with the state
+detached between chunks (DESIGN.md section 4). For a bidirectional layer the documented semantics
+are per direction: the forward direction is that chunked forward LSTM; the reverse direction
+processes the time-reversed sequence, so its chunks count from its own first processed step (the
+last time step): flip time, run the chunked forward LSTM with the ``_reverse`` weights, flip back.
+Layers are composed one by one. For packed input every sequence is its own reference run (its
+chunks count from its own first element, and for the reverse direction from its own last one).
+
+Everything is float64; every gradient (input, h0, c0, all parameters) and every output is compared
+with a relative tolerance of 1e-10 of the reference tensor's largest magnitude.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fastlstm
+from reference import assert_close
+
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference: chunked torch.nn.LSTM, one layer and direction at a time.
+# ---------------------------------------------------------------------------------------------
+
+def _direction_params(params: dict[str, torch.Tensor], layer: int, reverse: bool) -> dict[str, torch.Tensor]:
+    """The parameters of one layer/direction, renamed for a 1-layer unidirectional nn.LSTM."""
+    suffix = f"_l{layer}" + ("_reverse" if reverse else "")
+    out = {}
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"):
+        if name + suffix in params:
+            out[name + "_l0"] = params[name + suffix]
+    return out
+
+
+def chunked_direction(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, p: dict[str, torch.Tensor],
+                      k: int | None, reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (T, B, I), h0 (B, K), c0 (B, H) -> y (T, B, K), h_n, c_n: chunks of k, state detached."""
+    hidden, inp = p["weight_hh_l0"].shape[0] // 4, p["weight_ih_l0"].shape[1]
+    proj = p["weight_hr_l0"].shape[0] if "weight_hr_l0" in p else 0
+    module = nn.LSTM(inp, hidden, bias="bias_ih_l0" in p, proj_size=proj, device="meta")
+    seq = x.flip(0) if reverse else x
+    T = seq.shape[0]
+    k = k or T
+    h, c = h0.unsqueeze(0), c0.unsqueeze(0)
+    outs = []
+    for start in range(0, T, k):
+        if start > 0:
+            h, c = h.detach(), c.detach()
+        out, (h, c) = functional_call(module, p, (seq[start:start + k], (h, c)))
+        outs.append(out)
+    y = torch.cat(outs)
+    return (y.flip(0) if reverse else y), h[0], c[0]
+
+
+def chunked_stack(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, params: dict[str, torch.Tensor],
+                  num_layers: int, bidirectional: bool, k: int | None):
+    """The reference for an unpacked batch: x (T, B, I); h0 (L*D, B, K); c0 (L*D, B, H)."""
+    D = 2 if bidirectional else 1
+    h_n, c_n = [], []
+    layer_input = x
+    for layer in range(num_layers):
+        outs = []
+        for d in range(D):
+            index = layer * D + d
+            y, h, c = chunked_direction(layer_input, h0[index], c0[index], _direction_params(params, layer, d == 1),
+                                        k, reverse=d == 1)
+            outs.append(y)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = torch.cat(outs, dim=2)
+    return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+
+def reference_run(stack_fn, x, h0, c0, lengths, **kw):
+    """Runs ``stack_fn`` on the whole batch, or on each sequence of a packed batch separately.
+
+    Returns y (T, B, D*K) zero on padding, h_n, c_n (as a packed LSTM call returns them).
+    """
+    if lengths is None:
+        return stack_fn(x, h0, c0, **kw)
+    T = x.shape[0]
+    ys, hs, cs = [], [], []
+    for b, n in enumerate(lengths.tolist()):
+        y, h, c = stack_fn(x[:n, b:b + 1], h0[:, b:b + 1], c0[:, b:b + 1], **kw)
+        ys.append(torch.cat([y, y.new_zeros(T - n, 1, y.shape[2])]))
+        hs.append(h)
+        cs.append(c)
+    return torch.cat(ys, 1), torch.cat(hs, 1), torch.cat(cs, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fastlstm side, and the comparison.
+# ---------------------------------------------------------------------------------------------
+
+def make_model(num_layers=1, bidirectional=False, proj_size=0, I=3, H=5, **options) -> fastlstm.LSTM:
+    return fastlstm.LSTM(I, H, num_layers, bidirectional=bidirectional, proj_size=proj_size, dtype=F64,
+                         **options)
+
+
+def make_data(model: fastlstm.LSTM, T: int, B: int, packed: bool):
+    D = 2 if model.bidirectional else 1
+    K = model.proj_size or model.hidden_size
+    x = torch.randn(T, B, model.input_size, dtype=F64, requires_grad=True)
+    h0 = torch.randn(model.num_layers * D, B, K, dtype=F64, requires_grad=True)
+    c0 = torch.randn(model.num_layers * D, B, model.hidden_size, dtype=F64, requires_grad=True)
+    lengths = None
+    if packed:
+        lengths = torch.randint(1, T + 1, (B,))
+        lengths[B // 2] = T  # unsorted, longest in the middle
+    return x, h0, c0, lengths
+
+
+def loss_of(y, h, c, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    return sum((t * torch.randn(t.shape, generator=g, dtype=F64)).sum() for t in (y, h, c))
+
+
+def fast_run(model, x, h0, c0, lengths, **call):
+    """Output (T, B, D*K) zero on padding, h_n, c_n of fastlstm."""
+    if lengths is None:
+        out, (h, c) = model(x, (h0, c0), **call)
+        return out, h, c
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    out, (h, c) = model(packed, (h0, c0), **call)
+    return pad_packed_sequence(out, total_length=x.shape[0])[0], h, c
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Runs a reference on one thread, then restores the thread count.
+
+    The references are long chains of tiny torch ops. On a 2-core machine shared with other work,
+    each 2-thread OpenMP region of such an op can cost a scheduler time slice (measured: the
+    exploding-gradient reference took 8 s instead of 0.08 s). fastlstm itself always runs with
+    the default thread count, so its multi-threaded paths stay under test.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def results(run, model, x, h0, c0, loss=loss_of, reference=False):
+    """{name: tensor} of outputs and the gradients of x, h0, c0 and every parameter.
+
+    ``reference=True``: a reference computation, run on one thread (see ``one_thread``).
+    """
+    with one_thread() if reference else contextlib.nullcontext():
+        y, h, c = run()
+        names = [n for n, _ in model.named_parameters()]
+        wrt = [x, h0, c0] + [p for _, p in model.named_parameters()]
+        grads = torch.autograd.grad(loss(y, h, c), wrt, allow_unused=True, materialize_grads=True)
+    out = {"output": y, "h_n": h, "c_n": c}
+    out.update({f"grad {n}": g for n, g in zip(["input", "h0", "c0"] + names, grads)})
+    return out
+
+
+def assert_all_close(actual: dict, expected: dict, what: str, dtype=F64) -> None:
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert_close(actual[key], expected[key], dtype, f"{key} [{what}]")
+
+
+def device_results(model, data, device="cpu", **call) -> dict:
+    """``results`` of fastlstm on ``device`` (a copy of model and data there), on the CPU."""
+    x, h0, c0, lengths = data
+    if device != "cpu":
+        model = copy.deepcopy(model).to(device)
+        x, h0, c0 = (t.detach().to(device).requires_grad_() for t in (x, h0, c0))
+    out = results(lambda: fast_run(model, x, h0, c0, lengths, **call), model, x, h0, c0)
+    return {key: value.cpu() for key, value in out.items()}
+
+
+def skip_unless_supported(backend: str, model: fastlstm.LSTM, B: int) -> None:
+    from fastlstm.dispatch import persistent_support
+    if backend == "persistent":
+        ok, reason = persistent_support(model.hidden_size, B, F64, torch.device("cuda"), model.proj_size)
+        if not ok:
+            pytest.skip(f"persistent kernel: {reason}")
+
+
+def check_against_chunked(model: fastlstm.LSTM, k: int | None, T: int, B: int, packed: bool = False,
+                          device: str = "cpu", **call) -> dict:
+    data = x, h0, c0, lengths = make_data(model, T, B, packed)
+    params = dict(model.named_parameters())
+    expected = results(lambda: reference_run(chunked_stack, x, h0, c0, lengths, params=params,
+                                             num_layers=model.num_layers, bidirectional=model.bidirectional, k=k),
+                       model, x, h0, c0, reference=True)
+    actual = device_results(model, data, device, **call)
+    assert_all_close(actual, expected, f"{model!r} k={k} T={T} packed={packed} device={device} call={call}")
+    return actual
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------
+
+CONFIGS = [(1, False), (2, False), (1, True), (2, True)]
+
+
+@pytest.mark.parametrize("layers,bidirectional", CONFIGS, ids=["1layer", "2layers", "1layer-bi", "2layers-bi"])
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 10, 20])
+def test_tbptt_equals_detached_chunks(k, layers, bidirectional):
+    model = make_model(layers, bidirectional, tbptt_chunk=k)
+    check_against_chunked(model, k, T=10, B=3)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)], ids=["1layer", "2layers-bi"])
+def test_tbptt_packed_counts_per_sequence(k, layers, bidirectional):
+    # Lengths differ per sequence: the reverse direction's chunks start at each sequence's own last
+    # element, so the cut positions differ row by row.
+    model = make_model(layers, bidirectional, tbptt_chunk=k)
+    check_against_chunked(model, k, T=9, B=4, packed=True)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_tbptt_with_projection(k, packed):
+    model = make_model(2, True, proj_size=3, H=6, tbptt_chunk=k)
+    check_against_chunked(model, k, T=8, B=3, packed=packed)
+
+
+def test_tbptt_several_unit_blocks():
+    # H = 19 spans several vector blocks of the fused CPU recurrence (threads own unit slices).
+    model = make_model(1, True, I=4, H=19, tbptt_chunk=4)
+    check_against_chunked(model, 4, T=11, B=5)
+
+
+def test_chunk_of_T_or_more_is_full_bptt():
+    model = make_model(2, True, tbptt_chunk=10)
+    x, h0, c0, _ = make_data(model, 10, 3, False)
+    ref = nn.LSTM(3, 5, 2, bidirectional=True, dtype=F64)
+    ref.load_state_dict(model.state_dict())
+    expected = results(lambda: (lambda o: (o[0], *o[1]))(ref(x, (h0, c0))), ref, x, h0, c0, reference=True)
+    for k in (10, 11, 1000, None):
+        actual = results(lambda: fast_run(model, x, h0, c0, None, tbptt_chunk=k), model, x, h0, c0)
+        assert_all_close(actual, expected, f"tbptt_chunk={k}")
+
+
+def test_tbptt_changes_the_gradient():
+    # Guards the reference itself: truncation must make a difference for these sizes.
+    model = make_model(1, False)
+    x, h0, c0, _ = make_data(model, 10, 3, False)
+    full = results(lambda: fast_run(model, x, h0, c0, None), model, x, h0, c0)
+    cut = results(lambda: fast_run(model, x, h0, c0, None, tbptt_chunk=3), model, x, h0, c0)
+    assert torch.equal(full["output"], cut["output"])  # forward untouched
+    assert (full["grad weight_hh_l0"] - cut["grad weight_hh_l0"]).abs().max() > 1e-3
+    assert (full["grad h0"] - cut["grad h0"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_per_call_override_equals_module_option(packed):
+    with_option = make_model(2, True, tbptt_chunk=3)
+    without = make_model(2, True)
+    without.load_state_dict(with_option.state_dict())
+    x, h0, c0, lengths = make_data(with_option, 10, 3, packed)
+    a = results(lambda: fast_run(with_option, x, h0, c0, lengths), with_option, x, h0, c0)
+    b = results(lambda: fast_run(without, x, h0, c0, lengths, tbptt_chunk=3), without, x, h0, c0)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # ... and the override wins over the module option in both directions.
+    c = results(lambda: fast_run(with_option, x, h0, c0, lengths, tbptt_chunk=None), with_option, x, h0, c0)
+    d = results(lambda: fast_run(without, x, h0, c0, lengths), without, x, h0, c0)
+    for key in c:
+        assert torch.equal(c[key], d[key]), key
+    check_against_chunked(without, 4, T=10, B=3, packed=packed, tbptt_chunk=4)
+    assert without.tbptt_chunk is None  # the override did not stick
+
+
+LOSSES = {
+    "output only": lambda y, h, c: loss_of(y, y.new_zeros(()), y.new_zeros(())),
+    "h_n only": lambda y, h, c: (h * torch.randn(h.shape, generator=torch.Generator().manual_seed(3),
+                                                 dtype=F64)).sum(),
+    "c_n only": lambda y, h, c: (c * torch.randn(c.shape, generator=torch.Generator().manual_seed(4),
+                                                 dtype=F64)).sum(),
+}
+
+
+@pytest.mark.parametrize("loss", list(LOSSES), ids=list(LOSSES))
+@pytest.mark.parametrize("layers", [1, 2])
+def test_tbptt_partial_losses(layers, loss):
+    # Gradients that autograd does not produce (no output gradient, or no dL/dh_n) count as zero.
+    model = make_model(layers, True, tbptt_chunk=3)
+    x, h0, c0, _ = make_data(model, 8, 3, False)
+    params = dict(model.named_parameters())
+    expected = results(lambda: chunked_stack(x, h0, c0, params, layers, True, 3), model, x, h0, c0, LOSSES[loss],
+                       reference=True)
+    actual = results(lambda: fast_run(model, x, h0, c0, None), model, x, h0, c0, LOSSES[loss])
+    assert_all_close(actual, expected, loss)
+
+
+def test_tbptt_unbatched_batch_first_and_default_state():
+    model = make_model(2, True, tbptt_chunk=3, batch_first=True)
+    params = dict(model.named_parameters())
+    x = torch.randn(2, 9, 3, dtype=F64, requires_grad=True)
+    zeros_h = torch.zeros(4, 2, 5, dtype=F64)
+    y_ref, h_ref, c_ref = chunked_stack(x.transpose(0, 1), zeros_h, zeros_h, params, 2, True, 3)
+    y, (h, c) = model(x)
+    loss = lambda y, h, c: loss_of(y, h, c)  # noqa: E731
+    g_ref = torch.autograd.grad(loss(y_ref.transpose(0, 1), h_ref, c_ref), [x, *params.values()])
+    g = torch.autograd.grad(loss(y, h, c), [x, *params.values()])
+    for a, b in zip(g, g_ref):
+        assert_close(a, b, F64, "batch_first")
+    # unbatched (T, I): the batch dimension is added and removed around the same computation
+    model.batch_first = False
+    xu = torch.randn(9, 3, dtype=F64, requires_grad=True)
+    y_ref, h_ref, c_ref = chunked_stack(xu.unsqueeze(1), zeros_h[:, :1], zeros_h[:, :1], params, 2, True, 3)
+    y, (h, c) = model(xu)
+    g_ref = torch.autograd.grad(loss(y_ref.squeeze(1), h_ref.squeeze(1), c_ref.squeeze(1)), [xu, *params.values()])
+    g = torch.autograd.grad(loss(y, h, c), [xu, *params.values()])
+    for a, b in zip(g, g_ref):
+        assert_close(a, b, F64, "unbatched")
+
+
+def test_module_attribute_sets_the_option():
+    model = make_model(1, True)
+    model.tbptt_chunk = 2
+    check_against_chunked(model, 2, T=7, B=2)
+
+
+@pytest.mark.parametrize("k,every", [(3, 4), (5, 2), (2, 2), (4, 100), (1, 3)])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_tbptt_with_checkpointing(k, every, packed):
+    model = make_model(2, True, tbptt_chunk=k, checkpoint_every=every)
+    check_against_chunked(model, k, T=10, B=3, packed=packed)
+
+
+def test_tbptt_float32():
+    model = make_model(2, True, tbptt_chunk=3)
+    x, h0, c0, _ = make_data(model, 12, 3, False)
+    params = dict(model.named_parameters())
+    expected = results(lambda: chunked_stack(x, h0, c0, params, 2, True, 3), model, x, h0, c0, reference=True)
+    model32 = copy.deepcopy(model).float()
+    x32, h32, c32 = (t.detach().float().requires_grad_() for t in (x, h0, c0))
+    actual = results(lambda: fast_run(model32, x32, h32, c32, None), model32, x32, h32, c32)
+    for key in expected:
+        assert_close(actual[key], expected[key], torch.float32, key)
+
+
+def test_invalid_chunk_is_rejected():
+    with pytest.raises(ValueError, match="tbptt_chunk"):
+        make_model(tbptt_chunk=0)
+    with pytest.raises(TypeError, match="tbptt_chunk"):
+        make_model(tbptt_chunk=2.5)
+    model = make_model()
+    with pytest.raises(ValueError, match="tbptt_chunk"):
+        model(torch.randn(3, 1, 3, dtype=F64), tbptt_chunk=-1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [7, 64])
+def test_tbptt_larger_sizes(k):
+    # Many chunks, several unit blocks and row tiles, packed, with checkpointing on top.
+    model = make_model(2, True, I=6, H=40, tbptt_chunk=k, checkpoint_every=50)
+    check_against_chunked(model, k, T=300, B=7, packed=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["stepwise", "persistent"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_tbptt_cuda(k, packed, backend):
+    model = make_model(2, True, I=4, H=32, tbptt_chunk=k)
+    skip_unless_supported(backend, model, 3)
+    check_against_chunked(model, k, T=10, B=3, packed=packed, device="cuda", backend=backend)
+    check_against_chunked(model, k, T=10, B=3, packed=packed, device="cuda", backend=backend, checkpoint_every=4)
