@@ -10,7 +10,7 @@ Public surface:
 * :func:`explain` - which kernel a call would use, and why.
 """
 
-from ._extension import cpu_capability, cuda_compiled
+from ._extension import cached_bytes, cpu_capability, cuda_compiled, empty_cache
 from .convert import convert
 from .diagnostics import GradNorms, plot_grad_norms
 from .dispatch import explain
@@ -22,4 +22,4 @@ from . import tbptt
 __version__ = "0.1.0"
 
 __all__ = ["LSTM", "LSTMCell", "convert", "tbptt", "plot_grad_norms", "GradNorms", "KernelOptions", "explain",
-           "cuda_compiled", "cpu_capability", "__version__"]
+           "cuda_compiled", "cpu_capability", "empty_cache", "cached_bytes", "__version__"]

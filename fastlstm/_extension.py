@@ -23,6 +23,21 @@ def cuda_compiled() -> bool:
     return bool(_C.cuda_compiled())
 
 
+def empty_cache() -> None:
+    """Free the idle host buffers fastlstm keeps for reuse between CPU calls.
+
+    Large CPU activation and workspace buffers (1 MiB and more) return to a cache when their
+    tensors die, so the next call reuses pages that are already mapped instead of paying a page
+    fault per 4 KiB again. At most FASTLSTM_CPU_CACHE_MB megabytes (default 1024) are kept idle.
+    """
+    _C.empty_cache()
+
+
+def cached_bytes() -> int:
+    """Bytes of idle host buffers fastlstm currently keeps for reuse (see :func:`empty_cache`)."""
+    return int(_C.cached_bytes())
+
+
 def cpu_capability() -> str:
     """The SIMD level the CPU kernels were compiled for ('AVX2' or 'DEFAULT')."""
     return str(_C.cpu_capability())

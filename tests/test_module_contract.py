@@ -656,3 +656,22 @@ def test_autocast_leaves_float64_alone():
     for a, e in zip(actual, expected):
         assert a.dtype == e.dtype == F64
         assert_close(a, e, F64, "float64 under autocast")
+
+
+def test_large_cpu_buffers_are_reused_and_can_be_released():
+    """CPU activations of 1 MiB and more come back to fastlstm's cache when their tensors die."""
+    fastlstm.empty_cache()
+    assert fastlstm.cached_bytes() == 0
+    model = fastlstm.LSTM(8, 64)
+    x = torch.randn(512, 8, 8)  # gates: 512 * 8 * 256 floats = 4 MiB
+    y, _ = model(x)
+    y.sum().backward()
+    del y
+    held = fastlstm.cached_bytes()
+    assert held >= 4 << 20
+    y, _ = model(x)  # served from the cache: nothing new is kept
+    y.sum().backward()
+    del y
+    assert fastlstm.cached_bytes() == held
+    fastlstm.empty_cache()
+    assert fastlstm.cached_bytes() == 0

@@ -7,12 +7,13 @@
 //   forward   gates of own units = Gx + h_{t-1} W_hh^T (register tile of kRows rows x 4 gate
 //             vectors), cell update in registers, h_t written; one barrier.
 //   backward  cell backward of own units -> dG_t; barrier; carry_h of own units
-//             += dG_t W_hh[:, own] (register tile of kRows rows x up to 3 unit blocks).
+//             += dG_t W_hh[:, own] (register tile of 4 rows x up to 4 unit blocks).
 // The semantics (padding, truncation, clipping, norms) are cell_math.h's, as in the stepwise path.
 #include "lstm_recurrence_cpu.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 
 #include <algorithm>
 
@@ -124,22 +125,21 @@ void prefetch_units(const T* base, int64_t B, int64_t width, int64_t parts, int6
       for (int64_t j = j0; j < j1; j += kLine) __builtin_prefetch(base + b * width + q * part_stride + j, 0, 3);
 }
 
-// One forward tile: rows [row0, row0 + rows) x unit block ub: the gates' x W_ih^T plus
-// h_{t-1} W_hh^T accumulated in registers, then the cell update. (Blocking the reduction to keep
-// the panel in L1 measured slower: the panel streams from L2 fast enough.)
-template <class T>
-void forward_tile(const ChunkRecurrenceArgs<T, T>& a, const T* panel, int64_t ub, int64_t row0, int64_t rows,
-                  int64_t t, int64_t slot, const T* r_prev, const T* c_prev) {
-  using Bl = Blocking<T>;
-  using V = typename Bl::V;
-  constexpr int R = Bl::kRows, L = Bl::L;
+// One forward tile: R rows from row0 x unit block ub: the gates' x W_ih^T plus h_{t-1} W_hh^T
+// accumulated in registers, then the cell update. (Blocking the reduction to keep the panel in
+// L1 measured slower: the panel streams from L2 fast enough.)
+template <class T, int R>
+void forward_tile(const ChunkRecurrenceArgs<T, T>& a, const T* panel, int64_t ub, int64_t row0, int64_t t,
+                  int64_t slot, const T* r_prev, const T* c_prev) {
+  using V = typename Blocking<T>::V;
+  constexpr int L = Blocking<T>::L;
   const int64_t H = a.H, B = a.B, K = a.H, j0 = ub * L, cnt = std::min<int64_t>(L, H - j0);
   T* g0 = a.gates + (slot * B + row0) * 4 * H + j0;
   V acc[R][4];
   const T* h[R];
   static_for<R>([&](auto m) {
-    h[m] = r_prev + (row0 + std::min<int64_t>(m, rows - 1)) * K;
-    static_for<4>([&](auto q) { acc[m][q] = m < rows ? V::loadu(g0 + m * 4 * H + q * H, cnt) : V(T(0)); });
+    h[m] = r_prev + (row0 + m) * K;
+    static_for<4>([&](auto q) { acc[m][q] = V::loadu(g0 + m * 4 * H + q * H, cnt); });
   });
   for (int64_t k = 0; k < K; ++k) {
     const T* w = panel + k * 4 * L;
@@ -153,24 +153,31 @@ void forward_tile(const ChunkRecurrenceArgs<T, T>& a, const T* panel, int64_t ub
     });
   }
   static_for<R>([&](auto m) {
-    if (m < rows) cell_epilogue(a, acc[m][0], acc[m][1], acc[m][2], acc[m][3], row0 + m, j0, cnt, t, slot, r_prev, c_prev);
+    cell_epilogue(a, acc[m][0], acc[m][1], acc[m][2], acc[m][3], row0 + m, j0, cnt, t, slot, r_prev, c_prev);
   });
 }
 
-// carry[rows, NV unit blocks from ub] += dG_t[rows, :] W_hh[:, those units]
-template <class T, int NV>
-void carry_tile(const ChunkRecurrenceArgs<T, T>& a, const T* packed, int64_t ub, int64_t row0, int64_t rows,
-                const T* dg) {
-  using Bl = Blocking<T>;
-  using V = typename Bl::V;
-  constexpr int R = 4, L = Bl::L;
+// Rows [row0, row0 + rows) with rows <= kRows, through the tile of exactly that many rows.
+template <class T>
+void forward_rows(const ChunkRecurrenceArgs<T, T>& a, const T* panel, int64_t ub, int64_t row0, int64_t rows,
+                  int64_t t, int64_t slot, const T* r_prev, const T* c_prev) {
+  static_for<Blocking<T>::kRows>([&](auto r) {
+    if (rows == r + 1) forward_tile<T, r + 1>(a, panel, ub, row0, t, slot, r_prev, c_prev);
+  });
+}
+
+// carry[R rows from row0, NV unit blocks from ub] += dG_t[rows, :] W_hh[:, those units]
+template <class T, int R, int NV>
+void carry_tile(const ChunkRecurrenceArgs<T, T>& a, const T* packed, int64_t ub, int64_t row0, const T* dg) {
+  using V = typename Blocking<T>::V;
+  constexpr int L = Blocking<T>::L;
   const int64_t H = a.H, G = 4 * H;
   V acc[R][NV];
   const T* d[R];
   const T* panel[NV];
   static_for<NV>([&](auto v) { panel[v] = packed + (ub + v) * G * L; });
   static_for<R>([&](auto m) {
-    d[m] = dg + (row0 + std::min<int64_t>(m, rows - 1)) * G;
+    d[m] = dg + (row0 + m) * G;
     static_for<NV>([&](auto v) { acc[m][v] = V(T(0)); });
   });
   for (int64_t n = 0; n < G; ++n) {
@@ -182,13 +189,29 @@ void carry_tile(const ChunkRecurrenceArgs<T, T>& a, const T* packed, int64_t ub,
     });
   }
   static_for<R>([&](auto m) {
-    if (m >= rows) return;
     static_for<NV>([&](auto v) {
       const int64_t j0 = (ub + v) * L, cnt = std::min<int64_t>(L, H - j0);
       T* out = a.carry_h + (row0 + m) * H + j0;
       (acc[m][v] + V::loadu(out, cnt)).store(out, cnt);
     });
   });
+}
+
+// Unit blocks [ub0, ub1) x rows [row0, row0 + rows), rows <= 4: groups of up to 4 unit blocks (one
+// weight load then serves 4 rows x 4 blocks).
+template <class T>
+void carry_rows(const ChunkRecurrenceArgs<T, T>& a, const T* packed, int64_t ub0, int64_t ub1, int64_t row0,
+                int64_t rows, const T* dg) {
+  for (int64_t ub = ub0; ub < ub1;) {
+    const int64_t group = std::min<int64_t>(4, ub1 - ub);
+    static_for<4>([&](auto r) {
+      if (rows != r + 1) return;
+      static_for<4>([&](auto v) {
+        if (group == v + 1) carry_tile<T, r + 1, v + 1>(a, packed, ub, row0, dg);
+      });
+    });
+    ub += group;
+  }
 }
 
 // Cell backward of unit block ub for row b; returns the squared norms of dL/dh_t and dL/dc_t.
@@ -221,11 +244,10 @@ void backward_cell(const ChunkRecurrenceArgs<T, T>& a, int64_t ub, int64_t b, in
   clip_gate_grad(dgo, clip_gates).store(dg + 3 * H, cnt);
   dcp.store(a.carry_c + e, cnt);
   V(T(0)).store(a.carry_h + e, cnt);  // what skips the step; dG_t W_hh is added after the barrier
-  T lanes[L];
-  (dh * dh).store(lanes);
-  for (int l = 0; l < cnt; ++l) sum_h += lanes[l];
-  (dct * dct).store(lanes);
-  for (int l = 0; l < cnt; ++l) sum_c += lanes[l];
+  if (a.norm_partial) {  // lanes past cnt hold zeros: loadu zero-fills them
+    sum_h = at::vec::vec_reduce_all<T>([](const V& x, const V& y) { return x + y; }, dh * dh);
+    sum_c = at::vec::vec_reduce_all<T>([](const V& x, const V& y) { return x + y; }, dct * dct);
+  }
 }
 
 }  // namespace
@@ -264,7 +286,7 @@ void fused_forward(const ChunkRecurrenceArgs<T, T>& a, const T* p) {
       // Unit block outermost: its panel stays in cache across the row blocks.
       for (int64_t ub = ub0; ub < ub1; ++ub) {
         for (int64_t row0 = 0; row0 < B; row0 += R) {
-          forward_tile(a, p + ub * H * 4 * L, ub, row0, std::min<int64_t>(R, B - row0), t, slot, r_prev, c_prev);
+          forward_rows(a, p + ub * H * 4 * L, ub, row0, std::min<int64_t>(R, B - row0), t, slot, r_prev, c_prev);
         }
       }
       barrier.arrive_and_wait(weight);
@@ -302,21 +324,7 @@ void fused_backward(const ChunkRecurrenceArgs<T, T>& a, const T* p) {
         }
       }
       barrier.arrive_and_wait(weight);  // dG_t complete for every unit
-      // Groups of 3 unit blocks (2 + 2 for a remainder of 4: a lone block reuses its loads poorly).
-      for (int64_t ub = ub0; ub < ub1;) {
-        const int64_t left = ub1 - ub, group = left == 4 ? 2 : std::min<int64_t>(3, left);
-        for (int64_t row0 = 0; row0 < B; row0 += 4) {
-          const int64_t rows = std::min<int64_t>(4, B - row0);
-          if (group == 3) {
-            carry_tile<T, 3>(a, p, ub, row0, rows, dgates);
-          } else if (group == 2) {
-            carry_tile<T, 2>(a, p, ub, row0, rows, dgates);
-          } else {
-            carry_tile<T, 1>(a, p, ub, row0, rows, dgates);
-          }
-        }
-        ub += group;
-      }
+      for (int64_t row0 = 0; row0 < B; row0 += 4) carry_rows(a, p, ub0, ub1, row0, std::min<int64_t>(4, B - row0), dgates);
       // The next step's cell backward reads only this thread's own carries: no barrier needed.
     }
   });

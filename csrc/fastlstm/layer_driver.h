@@ -233,7 +233,12 @@ class LayerDriver {
       // gathered into one contiguous block so the product is a single large GEMM.
       const at::Tensor r_blk = slot_range(st.r, tlo, tlo, n, K_, x_.options());
       const at::Tensor r0 = at::from_blob(const_cast<scalar_t*>(r_init), {1, B_, K_}, x_.options());
-      const at::Tensor r_prev = reverse_ ? at::cat({r_blk.narrow(0, 1, n - 1), r0}) : at::cat({r0, r_blk.narrow(0, 0, n - 1)});
+      at::Tensor r_prev = new_buffer({n, B_, K_}, x_.options());
+      if (reverse_) {
+        at::cat_out(r_prev, {r_blk.narrow(0, 1, n - 1), r0});
+      } else {
+        at::cat_out(r_prev, {r0, r_blk.narrow(0, 0, n - 1)});
+      }
       accumulate(dw_hh, at::mm(dg.t(), r_prev.view({n * B_, K_})));
       if (proj_) {
         const at::Tensor g_blk = slot_range(st.gates, tlo, tlo, n, 4 * H_, acc_opts_);
