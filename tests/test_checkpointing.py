@@ -17,7 +17,7 @@ import torch
 
 import fastlstm
 from reference import Case, assert_close, compare_with_torch
-from test_tbptt import F64, assert_all_close, fast_run, loss_of, make_data, make_model, results
+from long_sequence_reference import F64, assert_all_close, fast_run, loss_of, make_data, make_model, results
 
 
 def _same_as_full(model: fastlstm.LSTM, every: int, T: int, B: int, packed: bool, **call) -> None:

@@ -26,106 +26,11 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 
 import fastlstm
 from reference import assert_close, rel_error
-from test_tbptt import F64, _direction_params, assert_all_close, device_results, fast_run, make_data, make_model, \
-    reference_run, results, skip_unless_supported
-
-
-class ClampGrad(torch.autograd.Function):
-    """Identity in the forward; clamps the gradient to [-c, c] in the backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, c: float) -> torch.Tensor:
-        ctx.c = c
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad.clamp(-ctx.c, ctx.c), None
-
-
-def _clamp(t: torch.Tensor, clip: float | None) -> torch.Tensor:
-    return t if clip is None else ClampGrad.apply(t, clip)
-
-
-def cell_step(x_t, h, c, p, *, gates_clip=None, explicit=False):
-    """One step of the cell. Returns (h_t before projection, c_t)."""
-    if not explicit and gates_clip is None:
-        cell = nn.LSTMCell(p["weight_ih_l0"].shape[1], p["weight_hh_l0"].shape[0] // 4,
-                           bias="bias_ih_l0" in p, device="meta")
-        names = {"weight_ih": "weight_ih_l0", "weight_hh": "weight_hh_l0", "bias_ih": "bias_ih_l0",
-                 "bias_hh": "bias_hh_l0"}
-        return functional_call(cell, {k: p[v] for k, v in names.items() if v in p}, (x_t, (h, c)))
-    G = x_t @ p["weight_ih_l0"].t() + h @ p["weight_hh_l0"].t()
-    if "bias_ih_l0" in p:
-        G = G + p["bias_ih_l0"] + p["bias_hh_l0"]
-    G = _clamp(G, gates_clip)
-    gi, gf, gg, go = G.chunk(4, dim=1)
-    i, f, g, o = torch.sigmoid(gi), torch.sigmoid(gf), torch.tanh(gg), torch.sigmoid(go)
-    c_t = f * c + i * g
-    return o * torch.tanh(c_t), c_t
-
-
-def unrolled_direction(x, h0, c0, p, *, reverse, clip=None, mode="recurrent", k=None, explicit=False,
-                       record=None):
-    """x (T, B, I), h0 (B, K), c0 (B, H) -> y (T, B, K), h_n, c_n.
-
-    ``record``: a dict that receives lists "h" and "c" of the tensors h_t, c_t indexed by time t,
-    each with retain_grad() (so their .grad is the total gradient reaching them).
-    """
-    T = x.shape[0]
-    rec_clip = clip if mode == "recurrent" else None
-    gates_clip = clip if mode == "gates" else None
-    w_hr = p.get("weight_hr_l0")
-    h, c = _clamp(h0, rec_clip), _clamp(c0, rec_clip)  # the carry step 0 sends to (h0, c0): clipped, never cut
-    ys = [None] * T
-    hs, cs = [None] * T, [None] * T
-    for s in range(T):
-        t = T - 1 - s if reverse else s
-        if s > 0:
-            if k is not None and s % k == 0:
-                h, c = h.detach(), c.detach()
-            else:
-                h, c = _clamp(h, rec_clip), _clamp(c, rec_clip)
-        h_t, c_t = cell_step(x[t], h, c, p, gates_clip=gates_clip, explicit=explicit or w_hr is not None)
-        if record is not None:
-            h_t.retain_grad()
-            c_t.retain_grad()
-            hs[t], cs[t] = h_t, c_t
-        r_t = h_t @ w_hr.t() if w_hr is not None else h_t
-        ys[t] = r_t
-        h, c = r_t, c_t
-    if record is not None:
-        record.setdefault("h", []).append(hs)
-        record.setdefault("c", []).append(cs)
-    return torch.stack(ys), h, c
-
-
-def unrolled_stack(x, h0, c0, params, num_layers, bidirectional, clip=None, mode="recurrent", k=None,
-                   explicit=False, record=None):
-    """The reference for one batch of equal-length sequences: x (T, B, I), h0/c0 (L*D, B, .).
-
-    ``record`` (a dict) receives "h" and "c": lists over layer*D + direction of per-time lists.
-    """
-    D = 2 if bidirectional else 1
-    h_n, c_n = [], []
-    layer_input = x
-    for layer in range(num_layers):
-        outs = []
-        for d in range(D):
-            index = layer * D + d
-            y, h, c = unrolled_direction(layer_input, h0[index], c0[index], _direction_params(params, layer, d == 1),
-                                         reverse=d == 1, clip=clip, mode=mode, k=k, explicit=explicit,
-                                         record=record)
-            outs.append(y)
-            h_n.append(h)
-            c_n.append(c)
-        layer_input = torch.cat(outs, dim=2)
-    return layer_input, torch.stack(h_n), torch.stack(c_n)
-
+from long_sequence_reference import (F64, assert_all_close, device_results, fast_run, make_data, make_model,
+                                     reference_run, results, skip_unless_supported, unrolled_stack)
 
 def check_against_unrolled(model: fastlstm.LSTM, T: int, B: int, packed: bool = False, explicit: bool = False,
                            data=None, device: str = "cpu", **call) -> dict:

@@ -19,8 +19,8 @@ import torch
 
 import fastlstm
 from reference import assert_close
-from test_clipping import unrolled_stack
-from test_tbptt import F64, fast_run, loss_of, make_data, make_model, one_thread, skip_unless_supported
+from long_sequence_reference import (F64, fast_run, loss_of, make_data, make_model, one_thread,
+                                     skip_unless_supported, unrolled_stack)
 
 
 def reference_norms(model: fastlstm.LSTM, x, h0, c0, lengths, **call) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 import fastlstm
 from fastlstm import tbptt
 from reference import assert_close
-from test_tbptt import one_thread
+from long_sequence_reference import one_thread
 
 F64 = torch.float64
 
