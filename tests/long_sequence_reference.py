@@ -40,7 +40,7 @@ def _direction_params(params: dict[str, torch.Tensor], layer: int, reverse: bool
     return out
 
 
-def chunked_direction(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, p: dict[str, torch.Tensor],
+def chunked_direction(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, p: dict[str, torch.Tensor], *,
                       k: int | None, reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (T, B, I), h0 (B, K), c0 (B, H) -> y (T, B, K), h_n, c_n: chunks of k, state detached."""
     hidden, inp = p["weight_hh_l0"].shape[0] // 4, p["weight_ih_l0"].shape[1]
@@ -60,9 +60,10 @@ def chunked_direction(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, p: di
     return (y.flip(0) if reverse else y), h[0], c[0]
 
 
-def chunked_stack(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, params: dict[str, torch.Tensor],
-                  num_layers: int, bidirectional: bool, k: int | None):
-    """The reference for an unpacked batch: x (T, B, I); h0 (L*D, B, K); c0 (L*D, B, H)."""
+def compose_layers(direction, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, params: dict[str, torch.Tensor],
+                   num_layers: int, bidirectional: bool, **kw):
+    """A stacked (bi)LSTM from a one-direction reference, layer by layer: x (T, B, I); h0 (L*D, B, K);
+    c0 (L*D, B, H). ``direction(x, h0, c0, p, reverse=..., **kw) -> (y, h_n, c_n)``."""
     D = 2 if bidirectional else 1
     h_n, c_n = [], []
     layer_input = x
@@ -70,13 +71,19 @@ def chunked_stack(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, params: d
         outs = []
         for d in range(D):
             index = layer * D + d
-            y, h, c = chunked_direction(layer_input, h0[index], c0[index], _direction_params(params, layer, d == 1),
-                                        k, reverse=d == 1)
+            y, h, c = direction(layer_input, h0[index], c0[index], _direction_params(params, layer, d == 1),
+                                reverse=d == 1, **kw)
             outs.append(y)
             h_n.append(h)
             c_n.append(c)
         layer_input = torch.cat(outs, dim=2)
     return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+
+def chunked_stack(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, params: dict[str, torch.Tensor],
+                  num_layers: int, bidirectional: bool, k: int | None):
+    """The TBPTT reference for an unpacked batch (chunks of k, state detached between chunks)."""
+    return compose_layers(chunked_direction, x, h0, c0, params, num_layers, bidirectional, k=k)
 
 
 def reference_run(stack_fn, x, h0, c0, lengths, **kw):
@@ -265,18 +272,5 @@ def unrolled_stack(x, h0, c0, params, num_layers, bidirectional, clip=None, mode
 
     ``record`` (a dict) receives "h" and "c": lists over layer*D + direction of per-time lists.
     """
-    D = 2 if bidirectional else 1
-    h_n, c_n = [], []
-    layer_input = x
-    for layer in range(num_layers):
-        outs = []
-        for d in range(D):
-            index = layer * D + d
-            y, h, c = unrolled_direction(layer_input, h0[index], c0[index], _direction_params(params, layer, d == 1),
-                                         reverse=d == 1, clip=clip, mode=mode, k=k, explicit=explicit,
-                                         record=record)
-            outs.append(y)
-            h_n.append(h)
-            c_n.append(c)
-        layer_input = torch.cat(outs, dim=2)
-    return layer_input, torch.stack(h_n), torch.stack(c_n)
+    return compose_layers(unrolled_direction, x, h0, c0, params, num_layers, bidirectional, clip=clip, mode=mode,
+                          k=k, explicit=explicit, record=record)

@@ -15,6 +15,15 @@ import fastlstm
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 
+def error_of(fn):
+    """The exception ``fn()`` raises, or None: for comparing fastlstm's errors with torch's."""
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001 - whatever is raised is compared
+        return error
+    return None
+
+
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if expected.numel() == 0:
         assert actual.numel() == 0

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastlstm
-from reference import assert_close
+from reference import assert_close, error_of
 
 I, H = 4, 5
 
@@ -18,14 +18,6 @@ def _pair(bias=True, dtype=torch.float64):
     ref = nn.LSTMCell(I, H, bias=bias, dtype=dtype)
     ours = fastlstm.LSTMCell.from_torch(copy.deepcopy(ref))
     return ref, ours
-
-
-def _error_of(fn):
-    try:
-        fn()
-    except Exception as error:  # noqa: BLE001 - we compare whatever is raised
-        return error
-    return None
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -105,8 +97,8 @@ ERRORS = [
 @pytest.mark.parametrize("call", [c for _, c in ERRORS], ids=[n for n, _ in ERRORS])
 def test_errors_match_nn_lstm_cell(call):
     torch.manual_seed(0)
-    expected = _error_of(lambda: call(nn.LSTMCell(I, H)))
-    actual = _error_of(lambda: call(fastlstm.LSTMCell(I, H)))
+    expected = error_of(lambda: call(nn.LSTMCell(I, H)))
+    actual = error_of(lambda: call(fastlstm.LSTMCell(I, H)))
     assert expected is not None and actual is not None
     assert (type(actual), str(actual)) == (type(expected), str(expected))
 
@@ -118,8 +110,8 @@ def test_wrong_input_size_text():
 
 def test_hx_with_one_tensor_matches_nn_lstm_cell():
     call = lambda m: m(torch.randn(2, I), (torch.randn(2, H),))  # noqa: E731
-    expected = _error_of(lambda: call(nn.LSTMCell(I, H)))
-    actual = _error_of(lambda: call(fastlstm.LSTMCell(I, H)))
+    expected = error_of(lambda: call(nn.LSTMCell(I, H)))
+    actual = error_of(lambda: call(fastlstm.LSTMCell(I, H)))
     assert (type(actual), str(actual)) == (type(expected), str(expected))
 
 

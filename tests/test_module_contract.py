@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastlstm
 from fastlstm.options import KernelOptions
-from reference import assert_close, rel_error
+from reference import assert_close, error_of, rel_error
 
 F64 = torch.float64
 
@@ -46,16 +46,8 @@ def _pair(cfg=None, dtype=F64, input_size=4, hidden_size=5):
     return ref, ours
 
 
-def _error_of(fn):
-    try:
-        fn()
-    except Exception as error:  # noqa: BLE001 - we compare whatever is raised
-        return error
-    return None
-
-
 def _same_error(make_ref, make_ours):
-    expected, actual = _error_of(make_ref), _error_of(make_ours)
+    expected, actual = error_of(make_ref), error_of(make_ours)
     assert expected is not None, "nn.LSTM accepted it; the test case is wrong"
     assert actual is not None, f"fastlstm accepted it; nn.LSTM raised {type(expected).__name__}: {expected}"
     assert (type(actual), str(actual)) == (type(expected), str(expected))
@@ -235,7 +227,7 @@ def test_forward_errors_with_projection_and_batch_first_match():
 def test_hidden_dtype_mismatch_names_the_tensor_and_dtypes(which):
     state = [_zeros(1, 2, 5), _zeros(1, 2, 5)]
     state[which] = state[which].double()
-    expected = _error_of(lambda: nn.LSTM(4, 5)(_x(3, 2, 4), tuple(state)))
+    expected = error_of(lambda: nn.LSTM(4, 5)(_x(3, 2, 4), tuple(state)))
     assert expected is not None  # nn.LSTM rejects it too (with 'get_mkldnn_dtype: unsupported data type')
     with pytest.raises(type(expected)) as info:
         fastlstm.LSTM(4, 5)(_x(3, 2, 4), tuple(state))
