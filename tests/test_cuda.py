@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import fastlstm
-from reference import Case, assert_close, compare_with_torch, make_input, outputs_and_grads
+from reference import Case, assert_close, compare_with_torch, make_input, outputs_and_grads, rel_error
 
 pytestmark = pytest.mark.cuda
 
@@ -21,11 +21,32 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 @pytest.fixture(autouse=True)
 def exact_float32():
-    """float32 GEMMs in full precision (TF32 only when PyTorch's flag allows it, which it does not here)."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    """float32 GEMMs in full precision (TF32 only when PyTorch's setting allows it, which it does not here)."""
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
     yield
-    torch.backends.cuda.matmul.allow_tf32 = previous
+    matmul.fp32_precision = previous
+
+
+@pytest.mark.parametrize("backend", ["stepwise", "persistent"])
+def test_float32_follows_the_fp32_precision_setting(backend):
+    """With TF32 allowed through the fp32_precision API (which makes the legacy allow_tf32 query raise),
+    float32 still runs, and agrees with the IEEE run to TF32 accuracy."""
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(48, 64, num_layers=2, device="cuda", backend=backend)
+    x = torch.randn(20, 3, 48, device="cuda")
+    results = {}
+    for precision in ["ieee", "tf32"]:
+        torch.backends.cuda.matmul.fp32_precision = precision
+        leaf = x.clone().requires_grad_()
+        y, _ = model(leaf)
+        y.square().sum().backward()
+        results[precision] = (y.detach(), leaf.grad, model.weight_hh_l0.grad.clone())
+        model.zero_grad()
+    for name, tf32, ieee in zip(["output", "grad input", "grad weight_hh_l0"], results["tf32"], results["ieee"]):
+        assert torch.isfinite(tf32).all(), name
+        assert rel_error(tf32, ieee) <= 1e-2, name
 
 
 FLAGS = list(itertools.product([1, 2], [True, False], [False, True], [False, True], [0, 4], [False, True],

@@ -22,6 +22,9 @@ cudaDataType_t data_type() {
   if constexpr (std::is_same_v<T, double>) return CUDA_R_64F;
   if constexpr (std::is_same_v<T, c10::Half>) return CUDA_R_16F;
   if constexpr (std::is_same_v<T, c10::BFloat16>) return CUDA_R_16BF;
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, c10::Half> ||
+                    std::is_same_v<T, c10::BFloat16>,
+                "fastlstm: no cuBLAS data type for this element type");
 }
 
 int checked_int(int64_t v, const char* what) {
@@ -49,8 +52,13 @@ void gemm(cublasOperation_t op_b, cublasOperation_t op_a, int64_t M, int64_t N, 
                                       CUBLAS_COMPUTE_64F, CUBLAS_GEMM_DEFAULT));
   } else {
     const float alpha = 1, beta = accumulate ? 1 : 0;
-    // float32 uses TF32 tensor cores only when PyTorch's own matmul flag allows it.
-    const cublasComputeType_t compute = std::is_same_v<S, float> && at::globalContext().allowTF32CuBLAS()
+    // float32 uses TF32 tensor cores only when PyTorch's own matmul setting allows it. Read
+    // through the fp32-precision API, as ATen's cuBLAS calls do: the legacy allowTF32CuBLAS()
+    // throws once the new torch.backends.*.fp32_precision setters have been used.
+    const cublasComputeType_t compute =
+        std::is_same_v<S, float> && at::globalContext().float32Precision(at::Float32Backend::CUDA,
+                                                                          at::Float32Op::MATMUL) ==
+                                        at::Float32Precision::TF32
                                             ? CUBLAS_COMPUTE_32F_FAST_TF32
                                             : CUBLAS_COMPUTE_32F;
     TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, op_b, op_a, m, n, k, &alpha, B, data_type<S>(), checked_int(ldb, "ldb"),

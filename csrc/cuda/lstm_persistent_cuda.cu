@@ -22,7 +22,12 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <set>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "../fastlstm/cell_math.h"
 #include "block_reduce.cuh"
@@ -156,8 +161,9 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* dgs = reinterpret_cast<acc_t*>(smem + align16(sizeof(scalar_t) * G * hb));  // (bt, 4H)
   const int64_t u0 = static_cast<int64_t>(blockIdx.x) * hb;
   const int units = static_cast<int>(std::min<int64_t>(hb, H - u0));
+  // Neighbouring threads read neighbouring columns of one W_hh row (coalesced global loads).
   for (int64_t idx = threadIdx.x; idx < static_cast<int64_t>(units) * G; idx += blockDim.x) {
-    const int64_t u = idx / G, r = idx % G;
+    const int64_t u = idx % units, r = idx / units;
     wt[u * G + r] = a.w_hh[r * H + u0 + u];
   }
   cg::grid_group grid = cg::this_grid();
@@ -250,26 +256,53 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// What a launch needs to know about a (kernel, device, layer shape): the plan and how many blocks
+// of that kernel fit on one SM. Computed once per key, since with chunked or inference-mode
+// calls the driver launches once per chunk (thousands of launches on a long sequence).
+struct LaunchSetup {
+  PersistentPlan plan;
+  int resident_per_sm = 0;
+};
+
+const LaunchSetup& launch_setup(const void* kernel, int device, int64_t H, int64_t B, c10::ScalarType dtype,
+                                bool backward) {
+  using Key = std::tuple<const void*, int, int64_t, int64_t, c10::ScalarType>;
+  static std::mutex mutex;
+  static std::map<Key, LaunchSetup> setups;
+  static std::set<std::pair<const void*, int>> attribute_set;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const Key key{kernel, device, H, B, dtype};
+  if (auto it = setups.find(key); it != setups.end()) return it->second;
+  LaunchSetup setup;
+  setup.plan = persistent_plan(H, B, dtype, device, backward);
+  if (setup.plan.ok) {
+    // The attribute is a ceiling, so it is raised once to the device's limit, for every plan.
+    if (attribute_set.insert({kernel, device}).second) {
+      const int limit = static_cast<int>(at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin);
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
+    }
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&setup.resident_per_sm, kernel, setup.plan.threads,
+                                                                 setup.plan.smem_bytes));
+  }
+  return setups.emplace(key, std::move(setup)).first->second;
+}
+
 template <class scalar_t, class acc_t>
 void launch(const void* kernel, const ChunkRecurrenceArgs<scalar_t, acc_t>& a, bool backward) {
   if (a.B == 0 || a.H == 0 || a.n == 0) return;
   const int device = c10::cuda::current_device();
-  const PersistentPlan plan =
-      persistent_plan(a.H, a.B, c10::CppTypeToScalarType<scalar_t>::value, device, backward);
+  const LaunchSetup& setup =
+      launch_setup(kernel, device, a.H, a.B, c10::CppTypeToScalarType<scalar_t>::value, backward);
+  const PersistentPlan& plan = setup.plan;
   TORCH_CHECK(plan.ok, "fastlstm: the persistent kernel cannot run this layer: ", plan.reason);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(plan.smem_bytes)));
-  int resident = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, plan.threads, plan.smem_bytes));
   const int sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
-  TORCH_CHECK(resident * sms >= plan.blocks, "fastlstm: the persistent kernel needs ", plan.blocks,
-              " co-resident blocks but the device holds ", resident * sms, " (use backend='stepwise')");
+  TORCH_CHECK(setup.resident_per_sm * sms >= plan.blocks, "fastlstm: the persistent kernel needs ", plan.blocks,
+              " co-resident blocks but the device holds ", setup.resident_per_sm * sms, " (use backend='stepwise')");
   ChunkRecurrenceArgs<scalar_t, acc_t> args = a;
   int hb = plan.units_per_block, bt = plan.batch_tile;
   void* params[] = {&args, &hb, &bt};
   C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(plan.threads), params, plan.smem_bytes,
                                              at::cuda::getCurrentCUDAStream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -289,7 +322,7 @@ PersistentPlan persistent_plan(int64_t H, int64_t B, c10::ScalarType dtype, int 
   const int64_t hb = std::max<int64_t>(1, (H + sms - 1) / sms);
   const size_t w_bytes = align16(elem * 4 * hb * H);
   const size_t row_bytes = acc * (backward ? 4 * H : H);
-  // Shared memory the kernels use besides the dynamic buffer (block reductions).
+  // A margin below the opt-in limit (the kernels themselves use no static shared memory).
   const size_t reserve = 1024;
   if (w_bytes + row_bytes + reserve > smem_max) {
     p.reason = "W_hh does not fit on chip: a block needs " + std::to_string((w_bytes + row_bytes) / 1024) +
