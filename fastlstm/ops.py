@@ -110,8 +110,10 @@ def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None, w_hr:
     None (then K = H); h0 (B, K); c0 (B, H); lengths (B,) int64 on x's device, or None.
     Returns y (T, B, K), h_n (B, K), c_n (B, H). With ``lengths``, row b is padding from time
     ``lengths[b]`` on: its output is zero and its state passes through unchanged; the reverse
-    direction starts each row at its own last element. ``norm_probe`` (2, T), when given, receives
-    the per-step gradient norms of h and c as its gradient.
+    direction starts each row at its own last element. Every length must lie in [1, T]: checked
+    on the CPU, not on CUDA (the check would synchronise with the host on every call), where
+    lengths outside that range give meaningless results. ``norm_probe`` (2, T), when given,
+    receives the per-step gradient norms of h and c as its gradient.
     """
     checkpoint_every = options.checkpoint_every
     if not _needs_grad(x, w_ih, w_hh, bias, w_hr, h0, c0, norm_probe):
