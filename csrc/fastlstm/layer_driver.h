@@ -348,7 +348,6 @@ class LayerDriver {
     return a;
   }
 
-  // Runs processing steps [s0, s0 + n) into the chunk's slots, from state (r_init, c_init).
   // Runs processing steps [s0, s0 + n) into the chunk's slots, from state (r_init, c_init). The
   // input projection runs a block of Policy::projection_steps at a time, just before the block's
   // recurrence, so its output is still in cache when the recurrence reads it.
