@@ -7,7 +7,6 @@ teaches torch.library how to trace the ops (``register_fake``) and differentiate
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +34,10 @@ def _layer_forward_fake(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, norm_probe, 
     if checkpoint_every == NO_BACKWARD:
         gates, saved_c, saved_r = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc), x.new_empty((0,))
     elif checkpoint_every > 0:
-        chunks = math.ceil(T / min(checkpoint_every, T))
+        # The states at the chunk boundaries, both ends included: ceil(T / min(k, T)) + 1, written
+        # without min or true division (equal for every T >= 1) so a symbolic T traces without
+        # a guard; at least 2, so no size-1 guard either.
+        chunks = (T + checkpoint_every - 1) // checkpoint_every + 1
         gates = x.new_empty((0,), dtype=acc)
         saved_c = x.new_empty((chunks, B, H), dtype=acc)
         saved_r = x.new_empty((chunks, B, K))

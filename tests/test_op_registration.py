@@ -179,21 +179,11 @@ def test_export_static_no_grad():
         _export_and_compare(Wrapper(num_layers=2), torch.randn(6, 2, 3, dtype=F64))
 
 
-CHECKPOINT_DYNAMIC_T = pytest.mark.xfail(strict=True, reason=(
-    "KNOWN LIMITATION: with checkpoint_every=k the saved states have shape (ceil(T / min(k, T)), B, H); "
-    "tracing that with a symbolic T adds a guard, so torch.export with a dynamic sequence length raises "
-    "ConstraintViolationError. Without checkpointing (and in no-grad calls) export is dynamic in T."))
-
-
-@pytest.mark.parametrize("mode", [
-    "grad",
-    "no_grad",
-    pytest.param("checkpoint_every", marks=CHECKPOINT_DYNAMIC_T),
-])
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "checkpoint_every"])
 def test_export_dynamic_sequence_length_and_batch(mode):
     model = Wrapper(num_layers=2, **({"checkpoint_every": 2} if mode == "checkpoint_every" else {}))
     dynamic = ({0: Dim("T", min=2, max=200), 1: Dim("B", min=2, max=16)},)
-    others = (torch.randn(9, 5, 3, dtype=F64), torch.randn(130, 3, 3, dtype=F64))
+    others = (torch.randn(9, 5, 3, dtype=F64), torch.randn(130, 3, 3, dtype=F64), torch.randn(2, 4, 3, dtype=F64))
     if mode == "no_grad":
         with torch.no_grad():
             _export_and_compare(model, torch.randn(6, 2, 3, dtype=F64), dynamic, others)

@@ -18,8 +18,8 @@
 // step_args.h.
 //
 // Memory modes: with checkpoint_every = 0 the forward saves the activated gates and the cell
-// state of every step. With checkpoint_every = k it saves only the state (r, c) at the start of
-// every k-step chunk; the backward recomputes each chunk's gates from its checkpoint, so the
+// state of every step. With checkpoint_every = k it saves only the state (r, c) at the boundaries of
+// the k-step chunks; the backward recomputes each chunk's gates from its checkpoint, so the
 // activation memory is O(T/k + k) instead of O(T) and the results are the same.
 #pragma once
 
@@ -92,10 +92,13 @@ class LayerDriver {
       out.c_n = slot_tensor(st.c, last, st.tlo, H_, acc_opts_).to(x_.scalar_type(), false, /*copy=*/true);
       return out;
     }
-    // Checkpointing: chunk-sized work buffers, the state saved at the start of every chunk (or,
-    // with no backward to come, only the current chunk's initial state, in a ring of two).
+    // Checkpointing: chunk-sized work buffers, the state saved at every chunk boundary, both ends
+    // included (nchunks + 1 slots; the backward reads the first nchunks; the last, the final
+    // state, keeps the saved tensors at least 2 long, so torch.export traces a symbolic T
+    // without a size-1 guard). With no backward to come, a ring of two holds the current chunk's
+    // initial state.
     out.saved_gates = at::empty({0}, acc_opts_);
-    const int64_t slots = no_backward_ ? 2 : nchunks_;
+    const int64_t slots = no_backward_ ? 2 : nchunks_ + 1;
     at::Tensor state_r = new_buffer({slots, B_, K_}, x_.options());
     at::Tensor state_c = new_buffer({slots, B_, H_}, acc_opts_);
     state_r[0].copy_(h0);
@@ -108,10 +111,9 @@ class LayerDriver {
       const int64_t last = time_of(s0 + n - 1);
       at::Tensor r_last = slot_tensor(st.r, last, st.tlo, K_, x_.options());
       at::Tensor c_last = slot_tensor(st.c, last, st.tlo, H_, acc_opts_);
-      if (ci + 1 < nchunks_) {
-        state_r[(ci + 1) % slots].copy_(r_last);
-        state_c[(ci + 1) % slots].copy_(c_last);
-      } else {
+      state_r[(ci + 1) % slots].copy_(r_last);
+      state_c[(ci + 1) % slots].copy_(c_last);
+      if (ci + 1 == nchunks_) {
         out.h_n = r_last.clone();
         out.c_n = c_last.to(x_.scalar_type(), false, /*copy=*/true);
       }
