@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 install: $(BIN)/python
-	$(BIN)/pip install -q "torch>=2.11" numpy pybind11 ninja pytest tqdm matplotlib
+	$(BIN)/pip install -q "torch>=2.11" numpy pybind11 ninja pytest tqdm matplotlib "setuptools>=64" wheel
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 
 test: install

@@ -277,9 +277,10 @@ const LaunchSetup& launch_setup(const void* kernel, int device, int64_t H, int64
   setup.plan = persistent_plan(H, B, dtype, device, backward);
   if (setup.plan.ok) {
     // The attribute is a ceiling, so it is raised once to the device's limit, for every plan.
-    if (attribute_set.insert({kernel, device}).second) {
+    if (attribute_set.count({kernel, device}) == 0) {
       const int limit = static_cast<int>(at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin);
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
+      attribute_set.insert({kernel, device});
     }
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&setup.resident_per_sm, kernel, setup.plan.threads,
                                                                  setup.plan.smem_bytes));
