@@ -39,5 +39,5 @@ def cached_bytes() -> int:
 
 
 def cpu_capability() -> str:
-    """The SIMD level the CPU kernels were compiled for ('AVX2' or 'DEFAULT')."""
+    """The SIMD level the CPU kernels were compiled for ('AVX512', 'AVX2' or 'DEFAULT')."""
     return str(_C.cpu_capability())

@@ -83,8 +83,8 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
         grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, y, saved_gates,
         saved_c, saved_r, reverse, checkpoint_every, tbptt_chunk, grad_clip, grad_clip_mode,
         ctx.record_norms, ctx.needs_input_grad[0], ctx.backend)
-    return (dx if ctx.needs_input_grad[0] else None, dw_ih, dw_hh, dbias if bias is not None else None, dw_hr if w_hr is not None else None,
-            dh0, dc0, None, norms if ctx.record_norms else None,
+    return (dx if ctx.needs_input_grad[0] else None, dw_ih, dw_hh, dbias if bias is not None else None,
+            dw_hr if w_hr is not None else None, dh0, dc0, None, norms if ctx.record_norms else None,
             None, None, None, None, None, None)
 
 

@@ -1,7 +1,9 @@
-// The layer ops on the CPU: ATen GEMMs (MKL/OpenBLAS through ATen) for the input projection and
-// the weight gradients; the recurrence fused in one parallel region (lstm_recurrence_cpu.cpp), or
-// for projection layers step by step with packed GEMMs and the cell kernels of lstm_cell_cpu.cpp. Half types run in float and are converted at the boundary, so the cell
-// state and every accumulation are fp32 (DESIGN.md section 7).
+// The layer ops on the CPU: products with a weight go through the packed kernel of
+// packed_gemm_cpu.cpp up to a reduction depth of 512, through ATen's mm beyond, and the weight
+// gradients through ATen's mm; the recurrence is fused in one parallel region
+// (lstm_recurrence_cpu.cpp), or, for projection layers, runs step by step with the cell kernels of
+// lstm_cell_cpu.cpp. Half types run in float and are converted at the boundary, so the cell state
+// and every accumulation are fp32 (DESIGN.md section 7).
 #include <torch/library.h>
 
 #include <type_traits>
@@ -106,7 +108,6 @@ struct CpuPolicy {
   static void proj_backward(const BackwardProjArgs<S, A>& a) { cpu::proj_backward<S>(a); }
   template <class S>
   static void state_select(const StateSelectArgs<S>& a) { cpu::state_select<S>(a); }
-
 };
 
 at::ScalarType compute_dtype(at::ScalarType t) {

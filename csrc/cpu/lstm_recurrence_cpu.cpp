@@ -47,39 +47,6 @@ void for_each_slice(int64_t blocks, const F& body) {
   });
 }
 
-// Forward panels: packed[ub][k][gate][l] = W_hh[gate * H + ub * L + l, k], zero past H.
-template <class T>
-at::Tensor pack_forward(const T* w, int64_t H) {
-  const int64_t K = H;
-  constexpr int L = Blocking<T>::L;
-  const int64_t blocks = unit_blocks<T>(H);
-  at::Tensor packed = at::zeros({blocks, K, 4, L}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-  T* p = packed.data_ptr<T>();
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t ub = b0; ub < b1; ++ub)
-      for (int64_t k = 0; k < K; ++k)
-        for (int g = 0; g < 4; ++g)
-          for (int64_t l = 0; l < L && ub * L + l < H; ++l)
-            p[((ub * K + k) * 4 + g) * L + l] = w[(g * H + ub * L + l) * K + k];
-  });
-  return packed;
-}
-
-// Backward panels: packed[ub][n][l] = W_hh[n, ub * L + l], zero past H.
-template <class T>
-at::Tensor pack_backward(const T* w, int64_t H) {
-  constexpr int L = Blocking<T>::L;
-  const int64_t blocks = unit_blocks<T>(H), G = 4 * H;
-  at::Tensor packed = at::zeros({blocks, G, L}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-  T* p = packed.data_ptr<T>();
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t ub = b0; ub < b1; ++ub)
-      for (int64_t n = 0; n < G; ++n)
-        for (int64_t l = 0; l < L && ub * L + l < H; ++l) p[(ub * G + n) * L + l] = w[n * H + ub * L + l];
-  });
-  return packed;
-}
-
 // The cell update of row b, units [j0, j0 + cnt), from its gates' x W_ih^T + h W_hh^T.
 template <class T>
 inline void cell_epilogue(const ChunkRecurrenceArgs<T, T>& a, at::vec::Vectorized<T> p_i, at::vec::Vectorized<T> p_f,
@@ -111,6 +78,13 @@ inline void cell_epilogue(const ChunkRecurrenceArgs<T, T>& a, at::vec::Vectorize
   c.store(c_next, cnt);
   hv.store(y, cnt);
   if (state) hv.store(state, cnt);
+}
+
+// The buffer slot of processing step s (slot = time - tlo; time and step map to each other by
+// the same involution, step_of_time).
+template <class T>
+int64_t slot_of_step(const ChunkRecurrenceArgs<T, T>& a, int64_t s) {
+  return step_of_time(s, a.T, a.reverse) - a.tlo;
 }
 
 // Brings rows [0, B) x units of blocks [ub0, ub1) of a (B, width) slot array into cache ahead
@@ -257,14 +231,37 @@ int64_t unit_blocks(int64_t H) {
   return (H + Blocking<T>::L - 1) / Blocking<T>::L;
 }
 
+// Forward panels: packed[ub][k][gate][l] = W_hh[gate * H + ub * L + l, k], zero past H.
 template <class T>
-at::Tensor pack_fused_forward(const T* w_hh, int64_t H) {
-  return pack_forward(w_hh, H);
+at::Tensor pack_fused_forward(const T* w, int64_t H) {
+  const int64_t K = H;
+  constexpr int L = Blocking<T>::L;
+  const int64_t blocks = unit_blocks<T>(H);
+  at::Tensor packed = at::zeros({blocks, K, 4, L}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* p = packed.data_ptr<T>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t ub = b0; ub < b1; ++ub)
+      for (int64_t k = 0; k < K; ++k)
+        for (int g = 0; g < 4; ++g)
+          for (int64_t l = 0; l < L && ub * L + l < H; ++l)
+            p[((ub * K + k) * 4 + g) * L + l] = w[(g * H + ub * L + l) * K + k];
+  });
+  return packed;
 }
 
+// Backward panels: packed[ub][n][l] = W_hh[n, ub * L + l], zero past H.
 template <class T>
-at::Tensor pack_fused_backward(const T* w_hh, int64_t H) {
-  return pack_backward(w_hh, H);
+at::Tensor pack_fused_backward(const T* w, int64_t H) {
+  constexpr int L = Blocking<T>::L;
+  const int64_t blocks = unit_blocks<T>(H), G = 4 * H;
+  at::Tensor packed = at::zeros({blocks, G, L}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* p = packed.data_ptr<T>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t ub = b0; ub < b1; ++ub)
+      for (int64_t n = 0; n < G; ++n)
+        for (int64_t l = 0; l < L && ub * L + l < H; ++l) p[(ub * G + n) * L + l] = w[n * H + ub * L + l];
+  });
+  return packed;
 }
 
 template <class T>
@@ -275,13 +272,12 @@ void fused_forward(const ChunkRecurrenceArgs<T, T>& a, const T* p) {
   SpinBarrier barrier(slices_for(blocks));
   for_each_slice(blocks, [&](int64_t ub0, int64_t ub1, int64_t weight) {
     for (int64_t i = 0; i < a.n; ++i) {
-      const int64_t s = a.s0 + i, t = a.reverse ? a.T - 1 - s : s, slot = t - a.tlo;
-      const int64_t prev = i == 0 ? -1 : (a.reverse ? a.T - s : s - 1) - a.tlo;
+      const int64_t s = a.s0 + i, slot = slot_of_step(a, s), t = slot + a.tlo;
+      const int64_t prev = i == 0 ? -1 : slot_of_step(a, s - 1);
       const T* r_prev = prev < 0 ? a.r_init : a.r + prev * B * H;
       const T* c_prev = prev < 0 ? a.c_init : a.c + prev * B * H;
       if (i + 1 < a.n) {
-        const int64_t next = (a.reverse ? a.T - 2 - s : s + 1) - a.tlo;
-        prefetch_units(a.gates + next * B * 4 * H, B, 4 * H, 4, H, ub0 * L, std::min(H, ub1 * L));
+        prefetch_units(a.gates + slot_of_step(a, s + 1) * B * 4 * H, B, 4 * H, 4, H, ub0 * L, std::min(H, ub1 * L));
       }
       // Unit block outermost: its panel stays in cache across the row blocks.
       for (int64_t ub = ub0; ub < ub1; ++ub) {
@@ -302,16 +298,16 @@ void fused_backward(const ChunkRecurrenceArgs<T, T>& a, const T* p) {
   SpinBarrier barrier(slices_for(blocks));
   for_each_slice(blocks, [&](int64_t ub0, int64_t ub1, int64_t weight) {
     for (int64_t i = a.n - 1; i >= 0; --i) {
-      const int64_t s = a.s0 + i, t = a.reverse ? a.T - 1 - s : s, slot = t - a.tlo;
-      const int64_t prev = i == 0 ? -1 : (a.reverse ? a.T - s : s - 1) - a.tlo;
+      const int64_t s = a.s0 + i, slot = slot_of_step(a, s), t = slot + a.tlo;
+      const int64_t prev = i == 0 ? -1 : slot_of_step(a, s - 1);
       const T* c_prev = prev < 0 ? a.c_init : a.c + prev * B * H;
       T* dgates = a.dgates + slot * B * 4 * H;
       T* norms = a.norm_partial ? a.norm_partial + t * 2 * B * blocks : nullptr;
-      if (i > 0) {
-        const int64_t next = (a.reverse ? a.T - s : s - 1) - a.tlo, j0 = ub0 * L, j1 = std::min(H, ub1 * L);
-        prefetch_units(a.gates + next * B * 4 * H, B, 4 * H, 4, H, j0, j1);
-        prefetch_units(a.c + next * B * H, B, H, 1, 0, j0, j1);
-        if (a.dy) prefetch_units(a.dy + (a.tlo + next) * B * H, B, H, 1, 0, j0, j1);
+      if (i > 0) {  // the step processed next is step s - 1, in slot prev
+        const int64_t j0 = ub0 * L, j1 = std::min(H, ub1 * L);
+        prefetch_units(a.gates + prev * B * 4 * H, B, 4 * H, 4, H, j0, j1);
+        prefetch_units(a.c + prev * B * H, B, H, 1, 0, j0, j1);
+        if (a.dy) prefetch_units(a.dy + (a.tlo + prev) * B * H, B, H, 1, 0, j0, j1);
       }
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t ub = ub0; ub < ub1; ++ub) {

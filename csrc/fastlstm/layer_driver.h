@@ -421,10 +421,10 @@ class LayerDriver {
   const bool checkpointing_, no_backward_;
   const at::ScalarType acc_type_;
   const at::TensorOptions acc_opts_;
-  // The per-step recurrent products with W_hh (the policy may prepare W_hh once for all steps).
+  // Weights prepared once per call for their repeated products (the policy may pack them).
   typename Policy::template Matrix<scalar_t> w_ih_mat_;
   std::optional<typename Policy::template Matrix<scalar_t>> w_hr_mat_;  // projection layers only
-  typename Policy::template Recurrent<scalar_t> recurrent_;
+  typename Policy::template Recurrent<scalar_t> recurrent_;             // W_hh: step products, fused kernels
 };
 
 }  // namespace fastlstm
