@@ -92,8 +92,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, input and g (default 0)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results directory (default {RESULTS_DIR})")
     args = parser.parse_args(argv)
-    custom = any(v is not None for v in (args.T, args.B, args.H, args.I, args.dtype))
-    if custom and (args.quick or args.cpu_table):
+    args.custom = any(v is not None for v in (args.T, args.B, args.H, args.I, args.dtype))
+    if args.custom and (args.quick or args.cpu_table):
         parser.error("--T/--B/--H/--I/--dtype define a custom grid: do not combine them with --quick or --cpu-table")
     return args
 
@@ -119,10 +119,11 @@ def choose_preset(args: argparse.Namespace, device: torch.device) -> Preset:
     train = FWD_BWD_DX if args.input_grad else FWD_BWD
     phases: tuple[str, ...] = (FWD, train)
     repeats = None
-    if any(v is not None for v in (args.T, args.B, args.H, args.I, args.dtype)):
+    if args.custom:
         name = "custom"
-        grid = configs.grid(args.T or [1000], args.B or [16], args.H or [256 if cuda else 128],
-                            [configs.DTYPES[d] for d in dict.fromkeys(args.dtype or ["float32"])], args.I)
+        # Deduplicated by dtype, not by name: --dtype fp32 float32 is one dtype.
+        dtypes = list(dict.fromkeys(configs.DTYPES[d] for d in args.dtype or ["float32"]))
+        grid = configs.grid(args.T or [1000], args.B or [16], args.H or [256 if cuda else 128], dtypes, args.I)
     elif args.cpu_table:
         # The README's table: more repeats than the CPU default, for steadier medians on a noisy machine.
         name, grid, phases, repeats = "cpu-table", configs.cpu_table(), (FWD, FWD_BWD, FWD_BWD_DX), 10

@@ -90,13 +90,11 @@ def fastlstm_contenders(reference: nn.LSTM, x: Tensor) -> list[Contender]:
     requested = ["auto"] if device.type == "cpu" else ["stepwise", "persistent"]
     contenders = []
     for backend in requested:
-        if backend == "persistent":
-            ok, reason = dispatch.persistent_support(reference.hidden_size, x.size(1), x.dtype, device)
-            if not ok:
-                contenders.append(Contender("fastlstm", backend, None, skipped=f"persistent_support: {reason}"))
-                continue
         module = fastlstm.LSTM.from_torch(copy.deepcopy(reference), backend=backend)
         plan = dispatch.plan(module, x)
+        if plan.backend == "error":  # the requested backend cannot run this size (persistent_support)
+            contenders.append(Contender("fastlstm", backend, None, skipped=f"persistent_support: {plan.reason}"))
+            continue
         contenders.append(_module_contender("fastlstm", plan.backend, module, str(plan)))
     return contenders
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -213,10 +214,10 @@ def write_plot(path: Path, meta: dict[str, Any], rows: Sequence[Row]) -> str | N
         figure = _bars(plt, rows, phases)
     figure.suptitle(f"speedup over torch.nn.LSTM (torch time / implementation time): {meta['device_name']}")
     figure.tight_layout(rect=(0, 0, 1, 0.96))
-    tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
-    os.replace(tmp, path)
+    _write_atomic(path, png.getvalue())
     return None
 
 

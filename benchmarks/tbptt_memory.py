@@ -266,7 +266,8 @@ def main() -> int:
 
     rows = [measure(args, T, "stream") for T in args.T]
     rows += [measure(args, T, "full") for T in args.full_T]
-    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else _cpu_name()
+    from environment import device_name as name_of  # the benchmarks' shared helper (this script's folder)
+    device_name = name_of(torch.device(args.device))
     lines = [
         f"# Streaming TBPTT memory ({args.device}: {device_name})",
         "",
@@ -296,17 +297,6 @@ def main() -> int:
     out.write_text(text + f"\nCommand: `{command.strip()}`\n")
     print(f"wrote {out}")
     return 0 if ok else 1
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "CPU"
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ def plan(module: torch.nn.Module, input: torch.Tensor, backend: str | None = Non
     if device.type == "cpu":
         if requested == "persistent":
             return Plan("error", "backend='persistent' needs a CUDA device")
-        return Plan("cpu", f"fused C++ kernels ({_extension.cpu_capability()}): one GEMM and one fused cell pass "
-                           "per step, weight gradients as large GEMMs after the loop")
+        return Plan("cpu", f"fused C++ kernels ({_extension.cpu_capability()}): input projection as large GEMMs, "
+                           "the recurrence in one parallel region (step by step with proj_size), weight gradients "
+                           "as large GEMMs after the loop")
     batch = input.size(1 if input.dim() == 3 and not getattr(module, "batch_first", False) else 0)
     ok, reason = persistent_support(module.hidden_size, batch, input.dtype, device, getattr(module, "proj_size", 0))
     if requested == "stepwise":
