@@ -15,6 +15,15 @@ import fastlstm
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 
+def same_error(make_ref, make_ours):
+    """Both calls raise, the same exception type with the same text; returns fastlstm's."""
+    expected, actual = error_of(make_ref), error_of(make_ours)
+    assert expected is not None, "the torch module accepted it; the test case is wrong"
+    assert actual is not None, f"fastlstm accepted it; torch raised {type(expected).__name__}: {expected}"
+    assert (type(actual), str(actual)) == (type(expected), str(expected))
+    return actual
+
+
 def error_of(fn):
     """The exception ``fn()`` raises, or None: for comparing fastlstm's errors with torch's."""
     try:
@@ -53,6 +62,13 @@ class Case:
     B: int = 3
     input_size: int = 5
     hidden_size: int = 7
+
+    @classmethod
+    def from_flags(cls, flags: tuple) -> "Case":
+        """(num_layers, bias, batch_first, bidirectional, proj_size, given_state, input_kind)."""
+        layers, bias, batch_first, bidirectional, proj, given, kind = flags
+        return cls(num_layers=layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional,
+                   proj_size=proj, given_state=given, input_kind=kind)
 
 
 def make_input(case: Case, dtype: torch.dtype, device: str = "cpu"):
@@ -109,7 +125,7 @@ def compare_with_torch(case: Case, dtype: torch.dtype, device: str = "cpu", **op
 
     leaf2 = convert(leaf)
     if isinstance(inp, PackedSequence):
-        inp2 = pack_padded_sequence(leaf2, _lengths_of(inp, case), batch_first=case.batch_first,
+        inp2 = pack_padded_sequence(leaf2, lengths_of(inp, case), batch_first=case.batch_first,
                                     enforce_sorted=False)
     elif case.input_kind == "noncontiguous":
         inp2 = leaf2[..., ::2]
@@ -122,7 +138,7 @@ def compare_with_torch(case: Case, dtype: torch.dtype, device: str = "cpu", **op
         assert_close(actual[key].cpu(), expected[key], dtype, f"{key} [{case}]")
 
 
-def _lengths_of(packed: PackedSequence, case: Case) -> torch.Tensor:
+def lengths_of(packed: PackedSequence, case: Case) -> torch.Tensor:
     batch_sizes = packed.batch_sizes
     sorted_lengths = (torch.arange(case.B)[None, :] < batch_sizes[:, None]).sum(0)
     lengths = torch.empty_like(sorted_lengths)

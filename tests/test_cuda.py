@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import fastlstm
-from reference import Case, assert_close, compare_with_torch, make_input, outputs_and_grads, rel_error
+from reference import (Case, assert_close, compare_with_torch, lengths_of, make_input, outputs_and_grads,
+                       rel_error)
 
 pytestmark = pytest.mark.cuda
 
@@ -53,15 +54,9 @@ FLAGS = list(itertools.product([1, 2], [True, False], [False, True], [False, Tru
                                ["batched", "unbatched", "noncontiguous", "packed"]))
 
 
-def _case(flags, **sizes):
-    layers, bias, batch_first, bidirectional, proj, given, kind = flags
-    return Case(num_layers=layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional,
-                proj_size=proj, given_state=given, input_kind=kind, **sizes)
-
-
 @pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "-".join(map(str, f)))
 def test_stepwise_every_flag_combination_float64(flags):
-    compare_with_torch(_case(flags), torch.float64, device="cuda", backend="stepwise")
+    compare_with_torch(Case.from_flags(flags), torch.float64, device="cuda", backend="stepwise")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -69,7 +64,7 @@ def test_stepwise_every_flag_combination_float64(flags):
                                    (3, False, False, True, 0, True, "noncontiguous")],
                          ids=lambda f: "-".join(map(str, f)))
 def test_stepwise_dtypes(flags, dtype):
-    compare_with_torch(_case(flags), dtype, device="cuda", backend="stepwise")
+    compare_with_torch(Case.from_flags(flags), dtype, device="cuda", backend="stepwise")
 
 
 PERSISTENT_FLAGS = [f for f in FLAGS if f[4] == 0]  # the persistent kernel has no projection
@@ -77,7 +72,7 @@ PERSISTENT_FLAGS = [f for f in FLAGS if f[4] == 0]  # the persistent kernel has 
 
 @pytest.mark.parametrize("flags", PERSISTENT_FLAGS, ids=lambda f: "-".join(map(str, f)))
 def test_persistent_every_flag_combination_float64(flags):
-    compare_with_torch(_case(flags), torch.float64, device="cuda", backend="persistent")
+    compare_with_torch(Case.from_flags(flags), torch.float64, device="cuda", backend="persistent")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -132,7 +127,7 @@ def test_backward_options_match_the_cpu(options, backend):
     inp, leaf, hx = make_input(case, torch.float64)
     expected = outputs_and_grads(cpu, inp, leaf, hx)
     leaf_g = leaf.detach().cuda().requires_grad_()
-    inp_g = torch.nn.utils.rnn.pack_padded_sequence(leaf_g, _lengths(inp, case.B), enforce_sorted=False)
+    inp_g = torch.nn.utils.rnn.pack_padded_sequence(leaf_g, lengths_of(inp, case), enforce_sorted=False)
     hx_g = (hx[0].detach().cuda().requires_grad_(), hx[1].detach().cuda().requires_grad_())
     actual = outputs_and_grads(gpu, inp_g, leaf_g, hx_g)
     for key in expected:
@@ -144,13 +139,6 @@ def test_backward_options_match_the_cpu(options, backend):
             (out.data.sum() + h.sum() + c.sum()).backward()
         assert_close(gpu.grad_norms.h.cpu(), cpu.grad_norms.h, torch.float64, "grad norms h")
         assert_close(gpu.grad_norms.c.cpu(), cpu.grad_norms.c, torch.float64, "grad norms c")
-
-
-def _lengths(packed, B):
-    sorted_lengths = (torch.arange(B)[None, :] < packed.batch_sizes[:, None]).sum(0)
-    lengths = torch.empty_like(sorted_lengths)
-    lengths[packed.sorted_indices] = sorted_lengths
-    return lengths
 
 
 @pytest.mark.parametrize("backend", ["stepwise", "persistent"])

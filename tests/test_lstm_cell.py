@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastlstm
-from reference import assert_close, error_of
+from reference import assert_close, same_error
 
 I, H = 4, 5
 
@@ -91,28 +91,19 @@ ERRORS = [
     ("wrong_hidden_size_h", lambda m: m(torch.randn(2, I), (torch.randn(2, 6), torch.randn(2, H)))),
     ("wrong_hidden_size_c", lambda m: m(torch.randn(2, I), (torch.randn(2, H), torch.randn(2, 6)))),
     ("unbatched_input_2d_hx", lambda m: m(torch.randn(I), (torch.randn(1, H), torch.randn(1, H)))),
+    ("hx_one_tensor", lambda m: m(torch.randn(2, I), (torch.randn(2, H),))),
 ]
 
 
 @pytest.mark.parametrize("call", [c for _, c in ERRORS], ids=[n for n, _ in ERRORS])
 def test_errors_match_nn_lstm_cell(call):
     torch.manual_seed(0)
-    expected = error_of(lambda: call(nn.LSTMCell(I, H)))
-    actual = error_of(lambda: call(fastlstm.LSTMCell(I, H)))
-    assert expected is not None and actual is not None
-    assert (type(actual), str(actual)) == (type(expected), str(expected))
+    same_error(lambda: call(nn.LSTMCell(I, H)), lambda: call(fastlstm.LSTMCell(I, H)))
 
 
 def test_wrong_input_size_text():
     with pytest.raises(RuntimeError, match="^input has inconsistent input_size: got 3 expected 4$"):
         fastlstm.LSTMCell(4, 5)(torch.randn(2, 3))
-
-
-def test_hx_with_one_tensor_matches_nn_lstm_cell():
-    call = lambda m: m(torch.randn(2, I), (torch.randn(2, H),))  # noqa: E731
-    expected = error_of(lambda: call(nn.LSTMCell(I, H)))
-    actual = error_of(lambda: call(fastlstm.LSTMCell(I, H)))
-    assert (type(actual), str(actual)) == (type(expected), str(expected))
 
 
 def test_dtype_mismatch_is_rejected_with_a_message_naming_the_dtypes():

@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastlstm
 from fastlstm.options import KernelOptions
-from reference import assert_close, error_of, rel_error
+from reference import assert_close, error_of, rel_error, same_error
 
 F64 = torch.float64
 
@@ -44,14 +44,6 @@ def _pair(cfg=None, dtype=F64, input_size=4, hidden_size=5):
     ours = fastlstm.LSTM(input_size, hidden_size, dtype=dtype, **cfg)
     ours.load_state_dict(ref.state_dict())
     return ref, ours
-
-
-def _same_error(make_ref, make_ours):
-    expected, actual = error_of(make_ref), error_of(make_ours)
-    assert expected is not None, "nn.LSTM accepted it; the test case is wrong"
-    assert actual is not None, f"fastlstm accepted it; nn.LSTM raised {type(expected).__name__}: {expected}"
-    assert (type(actual), str(actual)) == (type(expected), str(expected))
-    return actual
 
 
 def _grads(out, inputs, seed=3):
@@ -150,7 +142,7 @@ BAD_ARGS = [
 def test_constructor_errors_match_nn_lstm(kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _same_error(lambda: nn.LSTM(**kwargs), lambda: fastlstm.LSTM(**kwargs))
+        same_error(lambda: nn.LSTM(**kwargs), lambda: fastlstm.LSTM(**kwargs))
 
 
 def test_dropout_with_one_layer_warns_like_nn_lstm():
@@ -206,7 +198,7 @@ FORWARD_ERRORS = [
 @pytest.mark.parametrize("call", [c for _, c in FORWARD_ERRORS], ids=[n for n, _ in FORWARD_ERRORS])
 def test_forward_errors_match_nn_lstm(call):
     ref, ours = nn.LSTM(4, 5), fastlstm.LSTM(4, 5)
-    _same_error(lambda: call(ref), lambda: call(ours))
+    same_error(lambda: call(ref), lambda: call(ours))
 
 
 def test_seq_len_0_error_text():
@@ -220,7 +212,7 @@ def test_forward_errors_with_projection_and_batch_first_match():
     for call in (lambda m: m(_x(2, 3, 4), (_zeros(4, 3, 2), _zeros(4, 2, 5))),  # batch is dim 0
                  lambda m: m(_x(2, 3, 4), (_zeros(4, 2, 5), _zeros(4, 2, 5))),  # hx of hidden_size, not proj
                  lambda m: m(_x(2, 3, 4), (_zeros(4, 2, 2), _zeros(4, 2, 2)))):  # cx of proj_size
-        _same_error(lambda: call(ref), lambda: call(ours))
+        same_error(lambda: call(ref), lambda: call(ours))
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["hx", "cx"])

@@ -11,15 +11,9 @@ FLAGS = list(itertools.product([1, 2, 3], [True, False], [False, True], [False, 
                                ["batched", "unbatched", "noncontiguous", "packed"]))
 
 
-def _case(flags):
-    layers, bias, batch_first, bidirectional, proj, given, kind = flags
-    return Case(num_layers=layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional,
-                proj_size=proj, given_state=given, input_kind=kind)
-
-
 @pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "-".join(map(str, f)))
 def test_float64_every_flag_combination(flags):
-    compare_with_torch(_case(flags), torch.float64)
+    compare_with_torch(Case.from_flags(flags), torch.float64)
 
 
 # float32 and the half types: every input kind and feature, fewer products.
@@ -28,7 +22,7 @@ REDUCED = [f for f in FLAGS if f[0] in (1, 2) and f[2] is False]
 
 @pytest.mark.parametrize("flags", REDUCED, ids=lambda f: "-".join(map(str, f)))
 def test_float32(flags):
-    compare_with_torch(_case(flags), torch.float32)
+    compare_with_torch(Case.from_flags(flags), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -36,7 +30,7 @@ def test_float32(flags):
                                                                               "batched")],
                          ids=lambda f: "-".join(map(str, f)) if isinstance(f, tuple) else str(f))
 def test_half_types(flags, dtype):
-    compare_with_torch(_case(flags), dtype)
+    compare_with_torch(Case.from_flags(flags), dtype)
 
 
 @pytest.mark.parametrize("checkpoint_every", [1, 2, 4, 100])
