@@ -130,6 +130,11 @@ def loss_of(y, h, c, seed=11):
     return sum((t * torch.randn(t.shape, generator=g, dtype=F64)).sum() for t in (y, h, c))
 
 
+# (num_layers, bidirectional) of the long-sequence tests, and their ids.
+LAYER_CONFIGS = [(1, False), (2, False), (1, True), (2, True)]
+LAYER_CONFIG_IDS = ["1layer", "2layers", "1layer-bi", "2layers-bi"]
+
+
 def fast_run(model, x, h0, c0, lengths, **call):
     """Output (T, B, D*K) zero on padding, h_n, c_n of fastlstm."""
     if lengths is None:

@@ -19,8 +19,8 @@ import torch
 
 import fastlstm
 from reference import assert_close
-from long_sequence_reference import (F64, fast_run, loss_of, make_data, make_model, one_thread,
-                                     skip_unless_supported, unrolled_stack)
+from long_sequence_reference import (F64, LAYER_CONFIG_IDS, LAYER_CONFIGS, fast_run, loss_of, make_data, make_model,
+                                     one_thread, skip_unless_supported, unrolled_stack)
 
 
 def reference_norms(model: fastlstm.LSTM, x, h0, c0, lengths, **call) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,16 +87,12 @@ def check_norms(model, T=8, B=3, packed=False, device="cpu", **call):
     return norms
 
 
-CONFIGS = [(1, False), (2, False), (1, True), (2, True)]
-CONFIG_IDS = ["1layer", "2layers", "1layer-bi", "2layers-bi"]
-
-
-@pytest.mark.parametrize("layers,bidirectional", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("layers,bidirectional", LAYER_CONFIGS, ids=LAYER_CONFIG_IDS)
 def test_norms_match_reference(layers, bidirectional):
     check_norms(make_model(layers, bidirectional, record_grad_norms=True))
 
 
-@pytest.mark.parametrize("layers,bidirectional", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("layers,bidirectional", LAYER_CONFIGS, ids=LAYER_CONFIG_IDS)
 @pytest.mark.parametrize("k", [1, 3])
 def test_norms_with_tbptt(k, layers, bidirectional):
     check_norms(make_model(layers, bidirectional, record_grad_norms=True, tbptt_chunk=k))
