@@ -36,7 +36,7 @@ from long_sequence_reference import (F64, LAYER_CONFIG_IDS, LAYER_CONFIGS, asser
 def check_against_unrolled(model: fastlstm.LSTM, T: int, B: int, packed: bool = False, explicit: bool = False,
                            data=None, device: str = "cpu", **call) -> dict:
     """Compares outputs and every gradient of ``model`` (float64) with the clamped reference."""
-    options = model.options.updated(**{k: v for k, v in call.items() if k != "backend"})
+    options = model.options.updated(**call)
     data = x, h0, c0, lengths = data or make_data(model, T, B, packed)
     params = dict(model.named_parameters())
     expected = results(lambda: reference_run(unrolled_stack, x, h0, c0, lengths, params=params,

@@ -27,8 +27,11 @@ from long_sequence_reference import (F64, LAYER_CONFIG_IDS, LAYER_CONFIGS, asser
 from reference import assert_close
 
 
-def check_against_chunked(model: fastlstm.LSTM, k: int | None, T: int, B: int, packed: bool = False,
-                          device: str = "cpu", **call) -> dict:
+def check_against_chunked(model: fastlstm.LSTM, T: int, B: int, packed: bool = False, device: str = "cpu",
+                          **call) -> dict:
+    """Compares outputs and every gradient of ``model`` (float64) with nn.LSTM run in chunks of its
+    tbptt_chunk (the per-call one when ``call`` overrides it), the state detached between chunks."""
+    k = model.options.updated(**call).tbptt_chunk
     data = x, h0, c0, lengths = make_data(model, T, B, packed)
     params = dict(model.named_parameters())
     expected = results(lambda: reference_run(chunked_stack, x, h0, c0, lengths, params=params,
@@ -49,7 +52,7 @@ def check_against_chunked(model: fastlstm.LSTM, k: int | None, T: int, B: int, p
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 10, 20])
 def test_tbptt_equals_detached_chunks(k, layers, bidirectional):
     model = make_model(layers, bidirectional, tbptt_chunk=k)
-    check_against_chunked(model, k, T=10, B=3)
+    check_against_chunked(model, T=10, B=3)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 7])
@@ -58,20 +61,20 @@ def test_tbptt_packed_counts_per_sequence(k, layers, bidirectional):
     # Lengths differ per sequence: the reverse direction's chunks start at each sequence's own last
     # element, so the cut positions differ row by row.
     model = make_model(layers, bidirectional, tbptt_chunk=k)
-    check_against_chunked(model, k, T=9, B=4, packed=True)
+    check_against_chunked(model, T=9, B=4, packed=True)
 
 
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_tbptt_with_projection(k, packed):
     model = make_model(2, True, proj_size=3, H=6, tbptt_chunk=k)
-    check_against_chunked(model, k, T=8, B=3, packed=packed)
+    check_against_chunked(model, T=8, B=3, packed=packed)
 
 
 def test_tbptt_several_unit_blocks():
     # H = 19 spans several vector blocks of the fused CPU recurrence (threads own unit slices).
     model = make_model(1, True, I=4, H=19, tbptt_chunk=4)
-    check_against_chunked(model, 4, T=11, B=5)
+    check_against_chunked(model, T=11, B=5)
 
 
 def test_chunk_of_T_or_more_is_full_bptt():
@@ -111,7 +114,7 @@ def test_per_call_override_equals_module_option(packed):
     d = results(lambda: fast_run(without, x, h0, c0, lengths), without, x, h0, c0)
     for key in c:
         assert torch.equal(c[key], d[key]), key
-    check_against_chunked(without, 4, T=10, B=3, packed=packed, tbptt_chunk=4)
+    check_against_chunked(without, T=10, B=3, packed=packed, tbptt_chunk=4)
     assert without.tbptt_chunk is None  # the override did not stick
 
 
@@ -162,14 +165,14 @@ def test_tbptt_unbatched_batch_first_and_default_state():
 def test_module_attribute_sets_the_option():
     model = make_model(1, True)
     model.tbptt_chunk = 2
-    check_against_chunked(model, 2, T=7, B=2)
+    check_against_chunked(model, T=7, B=2)
 
 
 @pytest.mark.parametrize("k,every", [(3, 4), (5, 2), (2, 2), (4, 100), (1, 3)])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_tbptt_with_checkpointing(k, every, packed):
     model = make_model(2, True, tbptt_chunk=k, checkpoint_every=every)
-    check_against_chunked(model, k, T=10, B=3, packed=packed)
+    check_against_chunked(model, T=10, B=3, packed=packed)
 
 
 def test_tbptt_float32():
@@ -199,7 +202,7 @@ def test_invalid_chunk_is_rejected():
 def test_tbptt_larger_sizes(k):
     # Many chunks, several unit blocks and row tiles, packed, with checkpointing on top.
     model = make_model(2, True, I=6, H=40, tbptt_chunk=k, checkpoint_every=50)
-    check_against_chunked(model, k, T=300, B=7, packed=True)
+    check_against_chunked(model, T=300, B=7, packed=True)
 
 
 @pytest.mark.cuda
@@ -209,5 +212,5 @@ def test_tbptt_larger_sizes(k):
 def test_tbptt_cuda(k, packed, backend):
     model = make_model(2, True, I=4, H=32, tbptt_chunk=k)
     skip_unless_supported(backend, model, 3)
-    check_against_chunked(model, k, T=10, B=3, packed=packed, device="cuda", backend=backend)
-    check_against_chunked(model, k, T=10, B=3, packed=packed, device="cuda", backend=backend, checkpoint_every=4)
+    check_against_chunked(model, T=10, B=3, packed=packed, device="cuda", backend=backend)
+    check_against_chunked(model, T=10, B=3, packed=packed, device="cuda", backend=backend, checkpoint_every=4)
