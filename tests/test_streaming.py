@@ -21,7 +21,7 @@ F64 = torch.float64
 @pytest.fixture(autouse=True)
 def _one_thread():
     """What is tested here is the trainer's bookkeeping, not the kernels: run on one thread (the
-    step-by-step references are long chains of tiny ops; see test_tbptt.one_thread)."""
+    step-by-step references are long chains of tiny ops; see long_sequence_reference.one_thread)."""
     with one_thread():
         yield
 
@@ -67,8 +67,8 @@ def assert_params_close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
         assert_close(p, q, F64, f"parameter {i}")
 
 
-def manual_chunked(model, x, y, k, lr=0.1, batch_first=False, loss_fn=F.mse_loss):
-    """The plain k1 = k2 = k loop a user would write."""
+def manual_chunked(model, x, y, k, lr=0.1, batch_first=False, loss_fn=F.mse_loss, max_grad_norm=None):
+    """The plain k1 = k2 = k loop a user would write (with gradient-norm clipping when asked)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.5)
     state, losses = None, []
     for xc, yc in tbptt.chunks(x, y, k, batch_first=batch_first):
@@ -76,6 +76,8 @@ def manual_chunked(model, x, y, k, lr=0.1, batch_first=False, loss_fn=F.mse_loss
         out, state = model(xc, state)
         loss = loss_fn(out, yc)
         loss.backward()
+        if max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         opt.step()
         state = tuple(s.detach() for s in state)
         losses.append(loss.item())
@@ -277,15 +279,7 @@ def test_max_grad_norm_and_result_fields():
     twin = copy.deepcopy(model)
     x, y = data(model, 12)
     result = run_tbptt(model, x, y, 4, max_grad_norm=0.01)
-    opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.5)
-    state = None
-    for xc, yc in tbptt.chunks(x, y, 4):
-        opt.zero_grad()
-        out, state = twin(xc, state)
-        F.mse_loss(out, yc).backward()
-        nn.utils.clip_grad_norm_(twin.parameters(), 0.01)
-        opt.step()
-        state = tuple(s.detach() for s in state)
+    manual_chunked(twin, x, y, 4, max_grad_norm=0.01)
     assert_params_close(params_of(model), params_of(twin))
     assert result.updates == 3 and result.total_steps == 12 and result.elapsed > 0
     assert result.mean_loss == pytest.approx(sum(result.losses) / 3)
