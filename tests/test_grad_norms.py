@@ -20,7 +20,7 @@ import torch
 import fastlstm
 from reference import assert_close
 from long_sequence_reference import (F64, LAYER_CONFIG_IDS, LAYER_CONFIGS, fast_run, loss_of, make_data, make_model,
-                                     one_thread, skip_unless_supported, unrolled_stack)
+                                     one_thread, reference_run, skip_unless_supported, unrolled_stack)
 
 
 def reference_norms(model: fastlstm.LSTM, x, h0, c0, lengths, **call) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,29 +31,21 @@ def reference_norms(model: fastlstm.LSTM, x, h0, c0, lengths, **call) -> tuple[t
 
 def _reference_norms(model, x, h0, c0, lengths, **call):
     options = model.options.updated(**call)
-    params = dict(model.named_parameters())
     D = 2 if model.bidirectional else 1
-    T, B = x.shape[:2]
-    kw = dict(params=params, num_layers=model.num_layers, bidirectional=model.bidirectional,
-              clip=options.grad_clip, mode=options.grad_clip_mode, k=options.tbptt_chunk, explicit=True)
-    rows = [(slice(0, B), T)] if lengths is None else [(slice(b, b + 1), n) for b, n in enumerate(lengths.tolist())]
-    records, ys, hs, cs = [], [], [], []
-    for rows_b, n in rows:
-        record: dict = {}
-        y, h, c = unrolled_stack(x[:n, rows_b], h0[:, rows_b], c0[:, rows_b], record=record, **kw)
-        records.append((record, n))
-        ys.append(torch.cat([y, y.new_zeros(T - n, *y.shape[1:])]))
-        hs.append(h)
-        cs.append(c)
-    loss = loss_of(torch.cat(ys, 1), torch.cat(hs, 1), torch.cat(cs, 1))
-    loss.backward()  # populates the retained grads
+    LD = model.num_layers * D
+    # One record for every sequence of the batch: its lists run over (sequence, layer * D +
+    # direction), each a per-time list as long as that sequence.
+    record: dict = {}
+    y, h, c = reference_run(unrolled_stack, x, h0, c0, lengths, params=dict(model.named_parameters()),
+                            num_layers=model.num_layers, bidirectional=model.bidirectional, clip=options.grad_clip,
+                            mode=options.grad_clip_mode, k=options.tbptt_chunk, explicit=True, record=record)
+    loss_of(y, h, c).backward()  # populates the retained grads
     norms = {}
     for key in ("h", "c"):
-        sq = torch.zeros(model.num_layers, D, T, dtype=F64)
-        for record, n in records:
-            for index, per_time in enumerate(record[key]):
-                for t in range(n):
-                    sq[index // D, index % D, t] += per_time[t].grad.pow(2).sum()
+        sq = torch.zeros(model.num_layers, D, x.shape[0], dtype=F64)
+        for index, per_time in enumerate(record[key]):
+            for t, value in enumerate(per_time):
+                sq[(index % LD) // D, index % D, t] += value.grad.pow(2).sum()
         norms[key] = sq.sqrt()
     return norms["h"], norms["c"]
 
