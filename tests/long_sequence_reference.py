@@ -183,12 +183,21 @@ def assert_all_close(actual: dict, expected: dict, what: str, dtype=F64) -> None
         assert_close(actual[key], expected[key], dtype, f"{key} [{what}]")
 
 
-def device_results(model, data, device="cpu", **call) -> dict:
-    """``results`` of fastlstm on ``device`` (a copy of model and data there), on the CPU."""
+def moved(model, data, device="cpu", dtype=None):
+    """Copies of ``model`` and of data = (x, h0, c0, lengths) on ``device`` in ``dtype`` (None: the
+    model's), x, h0, c0 as fresh leaves; the originals when neither changes. lengths stay on the CPU."""
+    if device == "cpu" and dtype is None:
+        return model, data
     x, h0, c0, lengths = data
-    if device != "cpu":
-        model = copy.deepcopy(model).to(device)
-        x, h0, c0 = (t.detach().to(device).requires_grad_() for t in (x, h0, c0))
+    model = copy.deepcopy(model).to(device=device, dtype=dtype)
+    x, h0, c0 = (t.detach().to(device=device, dtype=dtype).requires_grad_() for t in (x, h0, c0))
+    return model, (x, h0, c0, lengths)
+
+
+def device_results(model, data, device="cpu", dtype=None, **call) -> dict:
+    """``results`` of fastlstm on ``device`` in ``dtype`` (copies of model and data, see ``moved``),
+    on the CPU."""
+    model, (x, h0, c0, lengths) = moved(model, data, device, dtype)
     out = results(lambda: fast_run(model, x, h0, c0, lengths, **call), model, x, h0, c0)
     return {key: value.cpu() for key, value in out.items()}
 

@@ -10,14 +10,13 @@ for exactly what is asserted.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 import fastlstm
 from reference import Case, assert_close, compare_with_torch
-from long_sequence_reference import F64, assert_all_close, fast_run, loss_of, make_data, make_model, results
+from long_sequence_reference import (F64, assert_all_close, device_results, fast_run, loss_of, make_data, make_model,
+                                     results)
 
 
 def _same_as_full(model: fastlstm.LSTM, every: int, T: int, B: int, packed: bool, **call) -> None:
@@ -58,10 +57,8 @@ def test_checkpointing_module_option_and_float32():
     a = results(lambda: fast_run(model, x, h0, c0, None), model, x, h0, c0)
     b = results(lambda: fast_run(ref, x, h0, c0, None), ref, x, h0, c0)
     assert_all_close(a, b, "module option")
-    m32, r32 = copy.deepcopy(model).float(), copy.deepcopy(ref).float()
-    x32, h32, c32 = (t.detach().float().requires_grad_() for t in (x, h0, c0))
-    a = results(lambda: fast_run(m32, x32, h32, c32, None), m32, x32, h32, c32)
-    b = results(lambda: fast_run(r32, x32, h32, c32, None), r32, x32, h32, c32)
+    a = device_results(model, (x, h0, c0, None), dtype=torch.float32)
+    b = device_results(ref, (x, h0, c0, None), dtype=torch.float32)
     assert_all_close(a, b, "float32", dtype=torch.float32)
 
 

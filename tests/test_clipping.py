@@ -21,8 +21,6 @@ cell's hidden output, before any projection) and c_t with ``retain_grad``.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -204,14 +202,11 @@ def test_exploding_gradients_are_tamed(mode, clip):
     expected = results(lambda: unrolled_stack(x, h0, c0, params, 1, False, clip=clip, mode=mode), model64, x, h0, c0,
                        reference=True)
 
-    model = copy.deepcopy(model64).float()
-    x32, h32, c32 = (t.detach().float().requires_grad_() for t in (x, h0, c0))
-    unclipped = results(lambda: fast_run(model, x32, h32, c32, None), model, x32, h32, c32)
+    unclipped = device_results(model64, (x, h0, c0, None), dtype=torch.float32)
     for key in ("grad bias_ih_l0", "grad weight_ih_l0", "grad h0"):
         assert not torch.isfinite(unclipped[key]).all(), key
 
-    clipped = results(lambda: fast_run(model, x32, h32, c32, None, grad_clip=clip, grad_clip_mode=mode),
-                      model, x32, h32, c32)
+    clipped = device_results(model64, (x, h0, c0, None), dtype=torch.float32, grad_clip=clip, grad_clip_mode=mode)
     for key in expected:
         assert torch.isfinite(clipped[key]).all(), key
         assert_close(clipped[key], expected[key], torch.float32, f"{key} ({mode} clip={clip})")
@@ -232,9 +227,7 @@ def test_half_types(mode, dtype):
     expected = results(lambda: reference_run(unrolled_stack, x, h0, c0, lengths, params=params, num_layers=2,
                                              bidirectional=True, clip=0.05, mode=mode, k=3), model, x, h0, c0,
                        reference=True)
-    half = copy.deepcopy(model).to(dtype)
-    xh, hh, ch = (t.detach().to(dtype).requires_grad_() for t in (x, h0, c0))
-    actual = results(lambda: fast_run(half, xh, hh, ch, lengths), half, xh, hh, ch)
+    actual = device_results(model, (x, h0, c0, lengths), dtype=dtype)
     for key in expected:
         assert actual[key].dtype == dtype
         assert_close(actual[key].double(), expected[key], dtype, f"{key} ({dtype}, {mode})")

@@ -12,15 +12,14 @@ sums over the sequences that are live at t (padded positions record 0).
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 import fastlstm
 from reference import assert_close
 from long_sequence_reference import (F64, LAYER_CONFIG_IDS, LAYER_CONFIGS, fast_run, loss_of, make_data, make_model,
-                                     one_thread, reference_run, skip_unless_supported, unrolled_stack)
+                                     moved, one_thread, reference_run, skip_unless_supported,
+                                     unrolled_stack)
 
 
 def reference_norms(model: fastlstm.LSTM, x, h0, c0, lengths, **call) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,9 +59,7 @@ def fast_norms(model, x, h0, c0, lengths, **call):
 def check_norms(model, T=8, B=3, packed=False, device="cpu", **call):
     x, h0, c0, lengths = make_data(model, T, B, packed)
     expected_h, expected_c = reference_norms(model, x, h0, c0, lengths, **call)
-    if device != "cpu":
-        model = copy.deepcopy(model).to(device)
-        x, h0, c0 = (t.detach().to(device).requires_grad_() for t in (x, h0, c0))
+    model, (x, h0, c0, lengths) = moved(model, (x, h0, c0, lengths), device)
     norms = fast_norms(model, x, h0, c0, lengths, **call)
     assert isinstance(norms, fastlstm.GradNorms)
     norms = fastlstm.GradNorms(h=norms.h.cpu(), c=norms.c.cpu())
@@ -160,9 +157,8 @@ def test_norms_float32(H, every):
     model = make_model(2, True, H=H, record_grad_norms=True, tbptt_chunk=3, checkpoint_every=every)
     x, h0, c0, _ = make_data(model, 8, 3, False)
     expected_h, expected_c = reference_norms(model, x, h0, c0, None)
-    model.float()
-    x32, h32, c32 = (t.detach().float().requires_grad_() for t in (x, h0, c0))
-    norms = fast_norms(model, x32, h32, c32, None)
+    model32, (x32, h32, c32, _) = moved(model, (x, h0, c0, None), dtype=torch.float32)
+    norms = fast_norms(model32, x32, h32, c32, None)
     assert norms.h.dtype == torch.float32
     assert_close(norms.h, expected_h, torch.float32, "h")
     assert_close(norms.c, expected_c, torch.float32, "c")

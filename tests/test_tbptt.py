@@ -14,8 +14,6 @@ with a relative tolerance of 1e-10 of the reference tensor's largest magnitude.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -180,9 +178,7 @@ def test_tbptt_float32():
     x, h0, c0, _ = make_data(model, 12, 3, False)
     params = dict(model.named_parameters())
     expected = results(lambda: chunked_stack(x, h0, c0, params, 2, True, 3), model, x, h0, c0, reference=True)
-    model32 = copy.deepcopy(model).float()
-    x32, h32, c32 = (t.detach().float().requires_grad_() for t in (x, h0, c0))
-    actual = results(lambda: fast_run(model32, x32, h32, c32, None), model32, x32, h32, c32)
+    actual = device_results(model, (x, h0, c0, None), dtype=torch.float32)
     for key in expected:
         assert_close(actual[key], expected[key], torch.float32, key)
 
