@@ -248,8 +248,11 @@ def main() -> None:
     test = make_batch(cfg.test_sequences, cfg.T, torch.Generator().manual_seed(10_000 + args.seed))
     # Warm-up with throwaway modules: the first use of each library (code pages, thread pools)
     # should not count in whichever phase happens to run first.
-    for throwaway in (nn.LSTM(1, cfg.hidden), fastlstm.LSTM(1, cfg.hidden, tbptt_chunk=cfg.tbptt_chunk,
-                                                             grad_clip=cfg.grad_clip, record_grad_norms=True)):
+    def fast_lstm() -> fastlstm.LSTM:
+        return fastlstm.LSTM(1, cfg.hidden, tbptt_chunk=cfg.tbptt_chunk, grad_clip=cfg.grad_clip,
+                             record_grad_norms=True, checkpoint_every=args.checkpoint_every or None)
+
+    for throwaway in (nn.LSTM(1, cfg.hidden), fast_lstm()):
         warm = Tagger(throwaway, cfg.hidden).to(device)
         F.cross_entropy(warm(torch.randn(2 * POINTS, 2, 1, device=device)).reshape(-1, 2),
                         torch.zeros(4 * POINTS, dtype=torch.long, device=device)).backward()
@@ -262,9 +265,7 @@ def main() -> None:
 
     # (b) fastlstm.LSTM on the full signal: TBPTT + recurrent clipping in the kernel, norms recorded.
     torch.manual_seed(args.seed)
-    lstm = fastlstm.LSTM(1, cfg.hidden, tbptt_chunk=cfg.tbptt_chunk, grad_clip=cfg.grad_clip,
-                         record_grad_norms=True, checkpoint_every=args.checkpoint_every or None)
-    big = Tagger(lstm, cfg.hidden).to(device)
+    big = Tagger(fast_lstm(), cfg.hidden).to(device)
     b = train(f"(b) fastlstm.LSTM, full {cfg.T} steps", big, cfg, False, device, test, args.seed + 1)
 
     args.out.mkdir(parents=True, exist_ok=True)
