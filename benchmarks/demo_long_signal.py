@@ -39,9 +39,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import gc
 import math
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -55,6 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import fastlstm  # noqa: E402
+from peak_memory import PeakMemory  # noqa: E402  (this script's folder)
 
 RESULTS = REPO / "benchmarks" / "results"
 POINTS = 200  # the downsampled length, and the number of evaluation points per sequence
@@ -122,44 +121,6 @@ class Tagger(nn.Module):
         return self.head(out)
 
 
-# ---- memory ----
-
-def _status(field: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-        return int(match.group(1)) * 1024 if match else -1
-    except OSError:
-        return -1
-
-
-class PeakMemory:
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                self.base = _status("VmRSS")
-            except OSError:
-                self.base = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.peak = _status("VmHWM") - self.base if self.base is not None else float("nan")
-
-
 # ---- training ----
 
 def evaluate(model: Tagger, xs: torch.Tensor, ys: torch.Tensor, downsampled: bool, device: torch.device) -> float:
@@ -207,7 +168,7 @@ def train(name: str, model: Tagger, cfg: Config, downsampled: bool, device: torc
     # to the module's latest forward (a no-grad forward records none).
     norms = getattr(model.lstm, "grad_norms", None)
     error = evaluate(model, *test, downsampled=downsampled, device=device)
-    return {"name": name, "seconds": seconds, "peak": memory.peak, "error": error,
+    return {"name": name, "seconds": seconds, "peak": memory.peak_bytes, "error": error,
             "final_loss": sum(losses[-10:]) / len(losses[-10:]), "norms": norms}
 
 

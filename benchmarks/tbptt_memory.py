@@ -44,12 +44,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
-import re
-import resource
 import subprocess
 import sys
 import time
@@ -63,6 +60,7 @@ sys.path.insert(0, str(REPO))
 
 import fastlstm  # noqa: E402
 from fastlstm import tbptt  # noqa: E402
+from peak_memory import PeakMemory  # noqa: E402  (this script's folder)
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -110,51 +108,6 @@ def stream(T: int, B: int, I: int, seed: int, piece: int, device: torch.device):
 
 # ---- memory probes ----
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-    return int(match.group(1)) * 1024 if match else -1
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class Probe:
-    """Peak memory of the block it measures (see the module docstring)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.method = ""
-
-    def start(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            self.method = "torch.cuda.max_memory_allocated"
-        elif _reset_hwm():
-            self.base = _status("VmRSS")
-            self.method = "peak RSS (VmHWM reset via /proc/self/clear_refs)"
-        else:
-            self.base = _status("VmRSS") if os.path.exists("/proc/self/status") else 0
-            self.method = "peak RSS of the process (getrusage) minus RSS before the run"
-
-    def peak(self) -> int:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) - self.base
-        if self.method.startswith("peak RSS (VmHWM"):
-            return _status("VmHWM") - self.base
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
-
-
 class SavedBytes:
     """Largest number of bytes saved for backward within one update."""
 
@@ -187,7 +140,7 @@ def worker(args: argparse.Namespace) -> dict:
     tbptt.run_stream(model, stream(warmup, args.B, args.I, args.seed + 1, args.piece, device), loss_fn, opt,
                      k1=args.k1, k2=args.k2, progress=False)
     saved = SavedBytes()
-    probe = Probe(device)
+    probe = PeakMemory(device, rusage_fallback=True)
     if args.mode == "stream":
         probe.start()
         started = time.perf_counter()
