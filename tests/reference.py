@@ -117,6 +117,12 @@ def compare_with_torch(case: Case, dtype: torch.dtype, device: str = "cpu", **op
     ref = nn.LSTM(case.input_size, case.hidden_size, case.num_layers, case.bias, case.batch_first, 0.0,
                   case.bidirectional, case.proj_size, dtype=torch.float64)
     ours = fastlstm.LSTM.from_torch(copy.deepcopy(ref), **options).to(device=device, dtype=dtype)
+    compare_modules(ref, ours, case, dtype, device)
+
+
+def compare_modules(ref: nn.Module, ours: nn.Module, case: Case, dtype: torch.dtype, device: str = "cpu"):
+    """`ours` in `dtype` on `device` against `ref` (float64, CPU) on fresh inputs of `case`: outputs,
+    states and every gradient. Returns the inputs each side ran on: ((inp, hx), (inp2, hx2))."""
     inp, leaf, hx = make_input(case, torch.float64)
     expected = outputs_and_grads(ref, inp, leaf, hx)
 
@@ -136,6 +142,7 @@ def compare_with_torch(case: Case, dtype: torch.dtype, device: str = "cpu", **op
     assert actual.keys() == expected.keys()
     for key in expected:
         assert_close(actual[key].cpu(), expected[key], dtype, f"{key} [{case}]")
+    return (inp, hx), (inp2, hx2)
 
 
 def lengths_of(packed: PackedSequence, case: Case) -> torch.Tensor:

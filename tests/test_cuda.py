@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 import fastlstm
-from reference import (Case, assert_close, compare_with_torch, lengths_of, make_input, outputs_and_grads,
-                       rel_error)
+from reference import Case, assert_close, compare_modules, compare_with_torch, rel_error
 
 pytestmark = pytest.mark.cuda
 
@@ -124,14 +123,7 @@ def test_backward_options_match_the_cpu(options, backend):
     gpu.backend = backend
     case = Case(num_layers=2, bidirectional=True, given_state=True, input_kind="packed", T=10, input_size=5,
                 hidden_size=12)
-    inp, leaf, hx = make_input(case, torch.float64)
-    expected = outputs_and_grads(cpu, inp, leaf, hx)
-    leaf_g = leaf.detach().cuda().requires_grad_()
-    inp_g = torch.nn.utils.rnn.pack_padded_sequence(leaf_g, lengths_of(inp, case), enforce_sorted=False)
-    hx_g = (hx[0].detach().cuda().requires_grad_(), hx[1].detach().cuda().requires_grad_())
-    actual = outputs_and_grads(gpu, inp_g, leaf_g, hx_g)
-    for key in expected:
-        assert_close(actual[key].cpu(), expected[key], torch.float64, key)
+    (inp, hx), (inp_g, hx_g) = compare_modules(cpu, gpu, case, torch.float64, "cuda")
     if options.get("record_grad_norms"):
         # Norms are recorded by .backward() (not by the autograd.grad above): one backward each.
         for model, data, state in ((cpu, inp, hx), (gpu, inp_g, hx_g)):
