@@ -150,7 +150,7 @@ def check_outputs(reference: contenders.Contender, others: Sequence[contenders.C
         assert reference.forward is not None
         expected = reference.forward(x)
         for contender in others:
-            if contender.forward is None or contender.error:
+            if not contender.runnable:
                 continue
             try:
                 differences[contender.name] = _max_abs_diff(contender.forward(x), expected)
@@ -207,7 +207,7 @@ def run_config(config: Config, phases: Sequence[str], timer: DeviceTimer, settin
         if phase in skip:
             print(f"  {phase:<10} skipped: {skip[phase]}", file=sys.stderr)
             continue
-        runnable = [ref] + [c for c in others if c.forward is not None and not c.error]
+        runnable = [ref] + [c for c in others if c.runnable]
         for contender in runnable:
             contender.set_training(phase != FWD)
         results[phase] = measure(timer, [c.case(phase, x, g) for c in runnable], settings["warmup"],

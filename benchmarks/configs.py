@@ -49,7 +49,7 @@ class Config:
 
     @property
     def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     def __str__(self) -> str:
         text = (f"T={self.T} B={self.B} I={self.I} H={self.H} {dtype_name(self.dtype)} "

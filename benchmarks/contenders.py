@@ -21,7 +21,6 @@ from configs import FWD, FWD_BWD_DX, Config, dtype_name
 from timing import Case, describe_error
 
 TORCH = "torch.nn.LSTM"
-OTHER_LIBRARIES = ("haste_pytorch", "flashrnn")
 
 
 @dataclass
@@ -40,6 +39,11 @@ class Contender:
     @property
     def name(self) -> str:
         return f"{self.impl}/{self.backend}"
+
+    @property
+    def runnable(self) -> bool:
+        """Neither skipped nor failed: it has a forward to time."""
+        return self.forward is not None and not self.error
 
     def set_training(self, training: bool) -> None:
         for module in self.modules:
@@ -102,7 +106,7 @@ def fastlstm_contenders(reference: nn.LSTM, x: Tensor) -> list[Contender]:
 def library_status() -> dict[str, str]:
     """'not installed' or the installed version, for each other fused-LSTM library tried."""
     status = {}
-    for name in OTHER_LIBRARIES:
+    for name in _BUILDERS:  # the other fused-LSTM libraries this benchmark knows how to run
         if importlib.util.find_spec(name) is None:
             status[name] = "not installed"
             continue

@@ -100,12 +100,18 @@ def make_batch(B: int, T: int, g: torch.Generator) -> tuple[torch.Tensor, torch.
     return x.unsqueeze(-1), y
 
 
+def eval_points(t: torch.Tensor) -> torch.Tensor:
+    """The POINTS evaluation steps of a time-major tensor: the last step of each window."""
+    w = t.shape[0] // POINTS
+    return t[w - 1::w][:POINTS]
+
+
 def downsample(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, B, 1), (T, B) -> (POINTS, B, 1) window means, (POINTS, B) labels of each window's last step."""
     T, B, _ = x.shape
     w = T // POINTS
     xs = x[:w * POINTS].reshape(POINTS, w, B, 1).mean(1)
-    return xs, y[w - 1::w][:POINTS]
+    return xs, eval_points(y)
 
 
 class Tagger(nn.Module):
@@ -132,9 +138,8 @@ def evaluate(model: Tagger, xs: torch.Tensor, ys: torch.Tensor, downsampled: boo
             pred = model(xd.to(device)).argmax(-1).cpu()
             target = yd
         else:
-            w = xs.shape[0] // POINTS
-            pred = model(xs.to(device)).argmax(-1).cpu()[w - 1::w][:POINTS]
-            target = ys[w - 1::w][:POINTS]
+            pred = eval_points(model(xs.to(device)).argmax(-1).cpu())
+            target = eval_points(ys)
     model.train()
     return (pred != target).float().mean().item()
 
