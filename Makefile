@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test demo bench
+.PHONY: install test demo bench cuda-emu
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,12 @@ install: $(BIN)/python
 
 test: install
 	$(BIN)/python -m pytest -q tests
+	$(BIN)/python tests/cuda_emu/run.py --ci
+
+# The CUDA kernels executed on the CPU (tests/cuda_emu): needs torch in the venv, not the extension.
+cuda-emu: $(BIN)/python
+	$(BIN)/pip install -q "torch>=2.11" numpy
+	$(BIN)/python tests/cuda_emu/run.py
 
 demo: install
 	$(BIN)/python benchmarks/demo_long_signal.py --quick

@@ -125,7 +125,7 @@ def _openmp_flags() -> list[str]:
 
 def _extension():
     cxx = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"] + _cpu_simd_flags() + _openmp_flags()
-    sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp"), os.path.join(ROOT, "csrc", "op_schemas.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not _want_cuda():
         return CppExtension("fastlstm._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},

@@ -11,6 +11,7 @@
 
 #include "../fastlstm/cell_math.h"
 #include "block_reduce.cuh"
+#include "launch.cuh"
 
 namespace fastlstm::cuda {
 namespace {
@@ -18,9 +19,14 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxGridY = 65535;
 
-dim3 grid_for(int64_t cols, int64_t rows) {
-  return dim3(static_cast<unsigned>((cols + kThreads - 1) / kThreads),
-              static_cast<unsigned>(std::min(rows, kMaxGridY)));
+// One thread per column, a grid row per batch row (rows beyond kMaxGridY loop inside the kernel).
+template <class Args>
+void launch_pointwise(void (*kernel)(Args), const Args& a, int64_t cols, int64_t rows) {
+  if (cols == 0 || rows == 0) return;
+  const dim3 grid(static_cast<unsigned>((cols + kThreads - 1) / kThreads),
+                  static_cast<unsigned>(std::min(rows, kMaxGridY)));
+  FASTLSTM_LAUNCH(kernel, grid, kThreads, 0, at::cuda::getCurrentCUDAStream(), a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <class scalar_t, class acc_t>
@@ -139,30 +145,22 @@ int64_t cell_norm_tiles(int64_t H) { return std::max<int64_t>(1, (H + kThreads -
 
 template <class scalar_t, class acc_t>
 void cell_forward(const ForwardCellArgs<scalar_t, acc_t>& a) {
-  if (a.B == 0 || a.H == 0) return;
-  cell_forward_kernel<<<grid_for(a.H, a.B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_pointwise(&cell_forward_kernel<scalar_t, acc_t>, a, a.H, a.B);
 }
 
 template <class scalar_t, class acc_t>
 void cell_backward(const BackwardCellArgs<scalar_t, acc_t>& a) {
-  if (a.B == 0 || a.H == 0) return;
-  cell_backward_kernel<<<grid_for(a.H, a.B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_pointwise(&cell_backward_kernel<scalar_t, acc_t>, a, a.H, a.B);
 }
 
 template <class scalar_t, class acc_t>
 void proj_backward(const BackwardProjArgs<scalar_t, acc_t>& a) {
-  if (a.B == 0 || a.P == 0) return;
-  proj_backward_kernel<<<grid_for(a.P, a.B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_pointwise(&proj_backward_kernel<scalar_t, acc_t>, a, a.P, a.B);
 }
 
 template <class scalar_t>
 void state_select(const StateSelectArgs<scalar_t>& a) {
-  if (a.B == 0 || a.P == 0) return;
-  state_select_kernel<<<grid_for(a.P, a.B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_pointwise(&state_select_kernel<scalar_t>, a, a.P, a.B);
 }
 
 #define FASTLSTM_INSTANTIATE(S, A)                                       \

@@ -31,6 +31,7 @@
 
 #include "../fastlstm/cell_math.h"
 #include "block_reduce.cuh"
+#include "launch.cuh"
 
 namespace fastlstm::cuda {
 namespace {
@@ -58,7 +59,7 @@ __host__ __device__ constexpr size_t align16(size_t n) { return (n + 15) / 16 * 
 template <class scalar_t, class acc_t>
 __global__ void __launch_bounds__(kThreads)
     persistent_forward_kernel(const ChunkRecurrenceArgs<scalar_t, acc_t> a, const int hb, const int bt) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  FASTLSTM_DYNAMIC_SMEM(smem);
   const int64_t H = a.H, B = a.B;
   scalar_t* w = reinterpret_cast<scalar_t*>(smem);  // (4, hb, H)
   acc_t* hs = reinterpret_cast<acc_t*>(smem + align16(sizeof(scalar_t) * 4 * hb * H));  // (bt, H)
@@ -155,7 +156,7 @@ __global__ void __launch_bounds__(kThreads)
 template <class scalar_t, class acc_t>
 __global__ void __launch_bounds__(kThreads)
     persistent_backward_kernel(const ChunkRecurrenceArgs<scalar_t, acc_t> a, const int hb, const int bt) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  FASTLSTM_DYNAMIC_SMEM(smem);
   const int64_t H = a.H, B = a.B, G = 4 * H;
   scalar_t* wt = reinterpret_cast<scalar_t*>(smem);  // (hb, 4H): wt[u][r] = W_hh[r, u0 + u]
   acc_t* dgs = reinterpret_cast<acc_t*>(smem + align16(sizeof(scalar_t) * G * hb));  // (bt, 4H)
@@ -264,23 +265,25 @@ struct LaunchSetup {
   int resident_per_sm = 0;
 };
 
-const LaunchSetup& launch_setup(const void* kernel, int device, int64_t H, int64_t B, c10::ScalarType dtype,
+template <class Kernel>
+const LaunchSetup& launch_setup(Kernel* kernel, int device, int64_t H, int64_t B, c10::ScalarType dtype,
                                 bool backward) {
   using Key = std::tuple<const void*, int, int64_t, int64_t, c10::ScalarType>;
   static std::mutex mutex;
   static std::map<Key, LaunchSetup> setups;
   static std::set<std::pair<const void*, int>> attribute_set;
   const std::lock_guard<std::mutex> lock(mutex);
-  const Key key{kernel, device, H, B, dtype};
+  const void* key_kernel = reinterpret_cast<const void*>(kernel);
+  const Key key{key_kernel, device, H, B, dtype};
   if (auto it = setups.find(key); it != setups.end()) return it->second;
   LaunchSetup setup;
   setup.plan = persistent_plan(H, B, dtype, device, backward);
   if (setup.plan.ok) {
     // The attribute is a ceiling, so it is raised once to the device's limit, for every plan.
-    if (attribute_set.count({kernel, device}) == 0) {
+    if (attribute_set.count({key_kernel, device}) == 0) {
       const int limit = static_cast<int>(at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin);
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
-      attribute_set.insert({kernel, device});
+      attribute_set.insert({key_kernel, device});
     }
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&setup.resident_per_sm, kernel, setup.plan.threads,
                                                                  setup.plan.smem_bytes));
@@ -289,7 +292,8 @@ const LaunchSetup& launch_setup(const void* kernel, int device, int64_t H, int64
 }
 
 template <class scalar_t, class acc_t>
-void launch(const void* kernel, const ChunkRecurrenceArgs<scalar_t, acc_t>& a, bool backward) {
+void launch(void (*kernel)(ChunkRecurrenceArgs<scalar_t, acc_t>, int, int), const ChunkRecurrenceArgs<scalar_t, acc_t>& a,
+            bool backward) {
   if (a.B == 0 || a.H == 0 || a.n == 0) return;
   const int device = c10::cuda::current_device();
   const LaunchSetup& setup =
@@ -345,12 +349,12 @@ PersistentPlan persistent_plan(int64_t H, int64_t B, c10::ScalarType dtype, int 
 
 template <class scalar_t, class acc_t>
 void persistent_forward(const ChunkRecurrenceArgs<scalar_t, acc_t>& a) {
-  launch(reinterpret_cast<const void*>(&persistent_forward_kernel<scalar_t, acc_t>), a, false);
+  launch(&persistent_forward_kernel<scalar_t, acc_t>, a, false);
 }
 
 template <class scalar_t, class acc_t>
 void persistent_backward(const ChunkRecurrenceArgs<scalar_t, acc_t>& a) {
-  launch(reinterpret_cast<const void*>(&persistent_backward_kernel<scalar_t, acc_t>), a, true);
+  launch(&persistent_backward_kernel<scalar_t, acc_t>, a, true);
 }
 
 #define FASTLSTM_INSTANTIATE(S, A)                                                   \

@@ -1,0 +1,285 @@
+// The harness's own tests: each CUDA feature fastlstm's kernels rely on, checked against what
+// the CUDA C++ Programming Guide defines. The same file builds with nvcc for a real GPU
+// (`run.py --gpu`), which checks the harness against the hardware; the death tests (aborts
+// instead of hangs) exist only in the harness.
+#include <cooperative_groups.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "../../csrc/cuda/block_reduce.cuh"
+#include "../../csrc/cuda/launch.cuh"
+#include "check.h"
+
+namespace cg = cooperative_groups;
+
+namespace {
+
+template <class T>
+struct Managed {
+  T* p = nullptr;
+  explicit Managed(size_t n, T fill = T()) {
+    cudaMallocManaged(&p, n * sizeof(T));
+    for (size_t i = 0; i < n; ++i) p[i] = fill;
+  }
+  ~Managed() { cudaFree(p); }
+  T& operator[](size_t i) { return p[i]; }
+};
+
+bool ok(cudaError_t e) { return e == cudaSuccess; }
+
+// out[5, n]: xor 1, down 3, up 5, idx 7 (each within segments of `width`), one launch.
+__global__ void shuffle_kernel(int* out, int width) {
+  const int t = static_cast<int>(threadIdx.x), n = static_cast<int>(blockDim.x);
+  const int v = 1000 + t;
+  out[0 * n + t] = __shfl_xor_sync(0xffffffffu, v, 1, width);
+  out[1 * n + t] = __shfl_down_sync(0xffffffffu, v, 3, width);
+  out[2 * n + t] = __shfl_up_sync(0xffffffffu, v, 5, width);
+  out[3 * n + t] = __shfl_sync(0xffffffffu, v, 7, width);
+  out[4 * n + t] = static_cast<int>(__shfl_xor_sync(0xffffffffu, static_cast<double>(v) + 0.5, 16) * 2);
+}
+
+TEST(shuffles_follow_cuda_semantics) {
+  for (int width : {32, 16, 8}) {
+    const int n = 64;
+    Managed<int> out(5 * n, -1);
+    FASTLSTM_LAUNCH(shuffle_kernel, 1, n, 0, nullptr, out.p, width);
+    EXPECT(ok(cudaDeviceSynchronize()));
+    for (int t = 0; t < n; ++t) {
+      const int base = t / width * width;
+      const int down = t + 3 < base + width ? t + 3 : t, up = t - 5 >= base ? t - 5 : t;
+      EXPECT(out[t] == 1000 + (t ^ 1));
+      EXPECT(out[n + t] == 1000 + down, "width " + std::to_string(width) + " lane " + std::to_string(t));
+      EXPECT(out[2 * n + t] == 1000 + up, "width " + std::to_string(width) + " lane " + std::to_string(t));
+      EXPECT(out[3 * n + t] == 1000 + base + 7 % width);
+      EXPECT(out[4 * n + t] == 2 * (1000 + (t ^ 16)) + 1);
+    }
+  }
+}
+
+// Votes, and a shuffle among the first 16 lanes only (the others take another branch).
+__global__ void vote_kernel(unsigned* out) {
+  const int t = static_cast<int>(threadIdx.x);
+  const bool odd = t % 2 == 1;
+  out[t * 4 + 0] = __ballot_sync(0xffffffffu, odd);
+  out[t * 4 + 1] = __any_sync(0xffffffffu, t == 31);
+  out[t * 4 + 2] = __all_sync(0xffffffffu, t < 32);
+  if (t < 16) {
+    out[t * 4 + 3] = __shfl_down_sync(0x0000ffffu, 100u + t, 8, 16);
+  } else {
+    __syncwarp(0xffff0000u);
+    out[t * 4 + 3] = __ballot_sync(0xffff0000u, t >= 24);
+  }
+}
+
+TEST(votes_and_partial_masks) {
+  Managed<unsigned> out(32 * 4, 7);
+  FASTLSTM_LAUNCH(vote_kernel, 1, 32, 0, nullptr, out.p);
+  EXPECT(ok(cudaDeviceSynchronize()));
+  for (int t = 0; t < 32; ++t) {
+    EXPECT(out[t * 4 + 0] == 0xaaaaaaaau);
+    EXPECT(out[t * 4 + 1] == 1u);
+    EXPECT(out[t * 4 + 2] == 1u);
+    EXPECT(out[t * 4 + 3] == (t < 16 ? 100u + (t + 8 < 16 ? t + 8 : t) : 0xff000000u), "lane " + std::to_string(t));
+  }
+}
+
+// fastlstm's block reduction (block_reduce.cuh): every thread contributes, thread 0 holds the sums.
+__global__ void block_sum_kernel(double* out) {
+  double a = threadIdx.x + 1.0, b = 2.0 * blockIdx.x;
+  fastlstm::cuda::block_sum2(a, b);
+  if (threadIdx.x == 0) {
+    out[2 * blockIdx.x] = a;
+    out[2 * blockIdx.x + 1] = b;
+  }
+}
+
+TEST(block_reduction_sums_every_thread) {
+  for (int threads : {32, 96, 256, 1024}) {
+    Managed<double> out(6, -1);
+    FASTLSTM_LAUNCH(block_sum_kernel, 3, threads, 0, nullptr, out.p);
+    EXPECT(ok(cudaDeviceSynchronize()));
+    for (int blk = 0; blk < 3; ++blk) {
+      EXPECT(out[2 * blk] == threads * (threads + 1) / 2.0, std::to_string(threads) + " threads");
+      EXPECT(out[2 * blk + 1] == 2.0 * blk * threads);
+    }
+  }
+}
+
+// Staging through dynamic shared memory: each thread reads what its neighbour wrote.
+__global__ void staging_kernel(float* out, int n) {
+  FASTLSTM_DYNAMIC_SMEM(smem);
+  float* s = reinterpret_cast<float*>(smem);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) s[i] = 2.0f * i;
+  __syncthreads();
+  for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = s[(i + 1) % n];
+}
+
+TEST(dynamic_shared_memory_and_barrier) {
+  const int n = 1000;
+  Managed<float> out(n, -1);
+  FASTLSTM_LAUNCH(staging_kernel, 1, 128, n * sizeof(float), nullptr, out.p, n);
+  EXPECT(ok(cudaDeviceSynchronize()));
+  for (int i = 0; i < n; ++i) EXPECT(out[i] == 2.0f * ((i + 1) % n));
+}
+
+#ifdef FASTLSTM_CUDA_EMU
+__global__ void read_unwritten_kernel(float* out) {
+  FASTLSTM_DYNAMIC_SMEM(smem);
+  out[threadIdx.x] = reinterpret_cast<float*>(smem)[threadIdx.x];
+}
+
+TEST(dynamic_shared_memory_starts_as_nan) {
+  Managed<float> out(64, 0);
+  FASTLSTM_LAUNCH(read_unwritten_kernel, 1, 64, 64 * sizeof(float), nullptr, out.p);
+  for (int i = 0; i < 64; ++i) EXPECT(std::isnan(out[i]));
+}
+#endif
+
+// A grid-wide exchange: in round r every block publishes a value and reads its neighbour's.
+__global__ void grid_exchange_kernel(int* slots, int* out, int rounds) {
+  cg::grid_group grid = cg::this_grid();
+  const int blk = static_cast<int>(blockIdx.x), nb = static_cast<int>(gridDim.x);
+  for (int r = 0; r < rounds; ++r) {
+    if (threadIdx.x == 0) slots[blk] = 100 * r + blk;
+    grid.sync();
+    if (threadIdx.x == 0) out[r * nb + blk] = slots[(blk + 1) % nb];
+    grid.sync();
+  }
+}
+
+TEST(cooperative_grid_sync_is_a_barrier) {
+  int dev = 0, sms = 0;
+  cudaDeviceProp prop;
+  cudaGetDevice(&dev);
+  cudaGetDeviceProperties(&prop, dev);
+  sms = prop.multiProcessorCount;
+  const int rounds = 5;
+  Managed<int> slots(sms, -1), out(rounds * sms, -1);
+  int* s = slots.p;
+  int* o = out.p;
+  int r = rounds;
+  void* args[] = {&s, &o, &r};
+  EXPECT(ok(cudaLaunchCooperativeKernel(grid_exchange_kernel, dim3(sms), dim3(64), args, 0, nullptr)));
+  EXPECT(ok(cudaDeviceSynchronize()));
+  for (int k = 0; k < rounds; ++k) {
+    for (int b = 0; b < sms; ++b) EXPECT(out[k * sms + b] == 100 * k + (b + 1) % sms);
+  }
+}
+
+__global__ void atomic_kernel(unsigned long long* counter, float* sum) {
+  atomicAdd(counter, 1ull);
+  atomicAdd(sum, 0.5f);
+}
+
+TEST(atomics_count_every_thread) {
+  Managed<unsigned long long> counter(1, 0);
+  Managed<float> sum(1, 0);
+  FASTLSTM_LAUNCH(atomic_kernel, 4, 96, 0, nullptr, counter.p, sum.p);
+  EXPECT(ok(cudaDeviceSynchronize()));
+  EXPECT(counter[0] == 4 * 96);
+  EXPECT(sum[0] == 0.5f * 4 * 96);
+}
+
+__global__ void empty_kernel(int) {}
+
+TEST(launch_limits_fail_like_cuda) {
+  cudaDeviceProp prop;
+  cudaGetDeviceProperties(&prop, 0);
+  int per_sm = 0;
+  EXPECT(ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, empty_kernel, 1024, 0)));
+  EXPECT(per_sm == prop.maxThreadsPerMultiProcessor / 1024, std::to_string(per_sm));
+  int x = 0;
+  void* args[] = {&x};
+  EXPECT(cudaLaunchCooperativeKernel(empty_kernel, dim3(per_sm * prop.multiProcessorCount + 1), dim3(1024), args, 0,
+                                     nullptr) == cudaErrorCooperativeLaunchTooLarge);
+  EXPECT(ok(cudaLaunchCooperativeKernel(empty_kernel, dim3(per_sm * prop.multiProcessorCount), dim3(1024), args, 0,
+                                        nullptr)));
+  // Dynamic shared memory above 48 KiB needs the attribute; beyond the opt-in limit nothing helps.
+  cudaGetLastError();
+  FASTLSTM_LAUNCH(empty_kernel, 1, 32, 64 * 1024, nullptr, 0);
+  EXPECT(cudaGetLastError() != cudaSuccess);
+  EXPECT(ok(cudaFuncSetAttribute(empty_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024)));
+  FASTLSTM_LAUNCH(empty_kernel, 1, 32, 64 * 1024, nullptr, 0);
+  EXPECT(ok(cudaGetLastError()));
+  EXPECT(cudaFuncSetAttribute(empty_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(prop.sharedMemPerBlockOptin) + 1) != cudaSuccess);
+}
+
+#ifdef FASTLSTM_CUDA_EMU
+// ---- the harness aborts, with a message, where CUDA would hang or be undefined ----
+
+__global__ void divergent_barrier_kernel() {
+  if (threadIdx.x < 32) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+}
+DEATH_TEST(divergent_syncthreads_aborts, "divergent __syncthreads()") {
+  FASTLSTM_LAUNCH(divergent_barrier_kernel, 1, 64, 0, nullptr);
+}
+
+__global__ void shuffle_after_exit_kernel(float* out) {
+  if (threadIdx.x == 5) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+}
+DEATH_TEST(shuffle_waiting_for_exited_lane_aborts, "which has exited") {
+  Managed<float> out(32);
+  FASTLSTM_LAUNCH(shuffle_after_exit_kernel, 1, 32, 0, nullptr, out.p);
+}
+
+__global__ void shuffle_vs_barrier_kernel() {
+  if (threadIdx.x == 3) {
+    __syncthreads();
+  } else {
+    __shfl_xor_sync(0xffffffffu, 1, 1);
+    __syncthreads();
+  }
+}
+DEATH_TEST(shuffle_waiting_for_a_lane_at_a_barrier_aborts, "waits at __syncthreads()") {
+  FASTLSTM_LAUNCH(shuffle_vs_barrier_kernel, 1, 32, 0, nullptr);
+}
+
+__global__ void foreign_mask_kernel() { __shfl_xor_sync(0x0000ffffu, 1, 1); }
+DEATH_TEST(mask_without_own_lane_aborts, "does not include its own lane") {
+  FASTLSTM_LAUNCH(foreign_mask_kernel, 1, 32, 0, nullptr);
+}
+
+__global__ void read_outside_mask_kernel() {
+  if (threadIdx.x < 16) __shfl_xor_sync(0x0000ffffu, 1, 16);
+}
+DEATH_TEST(shuffle_reading_outside_its_mask_aborts, "not in the mask") {
+  FASTLSTM_LAUNCH(read_outside_mask_kernel, 1, 32, 0, nullptr);
+}
+
+__global__ void grid_sync_kernel() { cg::this_grid().sync(); }
+DEATH_TEST(grid_sync_outside_cooperative_launch_aborts, "not cooperative") {
+  FASTLSTM_LAUNCH(grid_sync_kernel, 2, 32, 0, nullptr);
+}
+
+__global__ void early_exit_grid_kernel() {
+  if (blockIdx.x == 1) return;
+  cg::this_grid().sync();
+}
+DEATH_TEST(block_exiting_before_grid_sync_aborts, "have exited while") {
+  void* args[] = {nullptr};
+  cudaLaunchCooperativeKernel(early_exit_grid_kernel, dim3(2), dim3(32), args, 0, nullptr);
+}
+
+__global__ void spin_kernel(volatile int* flag) {
+  while (*flag == 0) {}
+}
+DEATH_TEST(a_kernel_that_never_returns_trips_the_watchdog, "did not finish within") {
+  setenv("CUDA_EMU_TIMEOUT_S", "1", 1);
+  Managed<int> flag(1, 0);
+  FASTLSTM_LAUNCH(spin_kernel, 1, 1, 0, nullptr, flag.p);
+}
+#endif
+
+}  // namespace
+
+int main(int argc, char** argv) { return check::main(argc, argv); }
