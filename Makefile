@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test demo bench
+.PHONY: install test demo bench torch-2.11-headers
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,3 +21,8 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/bench.py --quick
+
+# csrc/cuda/cublas_gemm.cpp compiled (-fsyntax-only) against torch 2.11.0's headers, the GPU
+# machine's torch (the include tree is downloaded once into ~/.cache/fastlstm).
+torch-2.11-headers: install
+	$(BIN)/python tests/torch_headers_check.py --version 2.11.0
