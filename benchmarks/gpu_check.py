@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable or "python3"
 DEFAULT_DEADLINE_S = 540  # 9 minutes: a device command may run 10
 SUMMARY_RESERVE_S = 5     # kept back from every stage for the summary
-DRY_RUN_DEADLINE_S = 25   # the fake stages take about 10 s; the last one runs into the deadline
+DRY_RUN_DEADLINE_S = 18   # the fake stages take about 7 s; the last one runs into the deadline
 
 # Every file this run may write under --out, by key (at most MAX_FILES).
 FILES = {
@@ -533,7 +533,7 @@ def run_pytest(run: Run, arguments: list[str], test_timeout_s: float) -> TestTal
         test = started.read_text().splitlines()[-1]
         tally.hung.append(test)
         run.append("pytest", f"# HUNG over {test_timeout_s:.0f} s: {test}\n{dump}")
-        if run.remaining() < min(30, 5 * test_timeout_s):  # too little left for collection and a few tests
+        if run.remaining() < min(30, 3 * test_timeout_s):  # too little left for collection and a few tests
             break
     reports = _reports_file(started)
     tally.outcomes = tally_reports(reports.read_text() if reports.exists() else "")
@@ -696,7 +696,7 @@ def dry_run_stages(pid_file: Path) -> tuple[list[Stage], dict[str, str]]:
         Stage("fake-ok", fake([PYTHON, "-c", "print('fine')"]), cap_s=20, min_s=1),
         Stage("fake-fail", fake([PYTHON, "-c", "raise SystemExit(3)"]), cap_s=20, min_s=1),
         Stage("fake-needs-failed", fake([PYTHON, "-c", "pass"]), cap_s=20, min_s=1, needs=("fake-fail",)),
-        Stage("fake-hang", fake([PYTHON, "-c", hang]), cap_s=3, min_s=1),
+        Stage("fake-hang", fake([PYTHON, "-c", hang]), cap_s=2, min_s=1),
         Stage("fake-extra-file", fake_extra_file, cap_s=5, min_s=1),
         Stage("fake-missing-tool", fake(["no-such-tool-gpu-check"]), cap_s=5, min_s=1),
         Stage("fake-pytest", fake_pytest, cap_s=40, min_s=1),
