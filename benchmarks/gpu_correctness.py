@@ -140,35 +140,40 @@ def relative_errors(actual: dict[str, Tensor], expected: dict[str, Tensor]) -> d
     return errors
 
 
-def check(case: Case, backend: str, dtype: torch.dtype, device: str, seed: int) -> tuple[str, str]:
-    """(PASS | FAIL | SKIP, the line that says so)."""
-    label = f"{case.name} {backend} {str(dtype).removeprefix('torch.')}"
-    if backend == "persistent":
-        ok, why = persistent_support(case.H, case.B, dtype, torch.device(device))
-        if not ok:
-            return "SKIP", f"SKIP {label}: persistent_support: {why}"
+def check(case: Case, dtype: torch.dtype, backends: list[str], device: str, seed: int) -> list[tuple[str, str]]:
+    """(PASS | FAIL | SKIP, the line that says so) for each backend, against one reference."""
     generator = torch.Generator().manual_seed(seed)
     data = make_inputs(case, generator)
     torch.manual_seed(seed)
-    model64 = fastlstm.LSTM(case.I, case.H, case.layers, bidirectional=case.bidirectional, dtype=F64,
-                            backend=backend, **case.options)
+    model64 = fastlstm.LSTM(case.I, case.H, case.layers, bidirectional=case.bidirectional, dtype=F64, **case.options)
     # The model and data as the device sees them (rounded to dtype); the reference starts from these.
     model = copy.deepcopy(model64).to(device=device, dtype=dtype)
     data = {k: v if k == "lengths" else v.to(dtype).to(F64) for k, v in data.items()}
     expected = reference(model, case, data)
-    try:
-        actual = run_model(model, case, data, device, dtype)
-    except RuntimeError as error:
-        return "FAIL", f"FAIL {label}: {type(error).__name__}: {str(error).splitlines()[0]}"
-    errors = relative_errors(actual, expected)
-    worst = max(errors, key=errors.get)
-    tolerance = TOLERANCE[dtype]
-    status = "PASS" if errors[worst] <= tolerance else "FAIL"
-    failing = [f"{n} {e:.2e}" for n, e in errors.items() if e > tolerance]
-    detail = f"; over tolerance: {', '.join(failing)}" if failing and len(failing) > 1 else ""
     reference_name = "torch.nn.LSTM" if case.torch_can_compute else "fastlstm CPU"
-    return status, (f"{status} {label}: max rel err {errors[worst]:.2e} ({worst}) tol {tolerance:.0e}, "
-                    f"{len(errors)} tensors vs float64 {reference_name}{detail}")
+    tolerance = TOLERANCE[dtype]
+    lines = []
+    for backend in backends:
+        label = f"{case.name} {backend} {str(dtype).removeprefix('torch.')}"
+        if backend == "persistent":
+            ok, why = persistent_support(case.H, case.B, dtype, torch.device(device))
+            if not ok:
+                lines.append(("SKIP", f"SKIP {label}: persistent_support: {why}"))
+                continue
+        model.backend = backend
+        try:
+            actual = run_model(model, case, data, device, dtype)
+        except RuntimeError as error:
+            lines.append(("FAIL", f"FAIL {label}: {type(error).__name__}: {str(error).splitlines()[0]}"))
+            continue
+        errors = relative_errors(actual, expected)
+        worst = max(errors, key=errors.get)
+        status = "PASS" if errors[worst] <= tolerance else "FAIL"
+        failing = [f"{n} {e:.2e}" for n, e in errors.items() if e > tolerance]
+        detail = f"; over tolerance: {', '.join(failing)}" if len(failing) > 1 else ""
+        lines.append((status, f"{status} {label}: max rel err {errors[worst]:.2e} ({worst}) tol {tolerance:.0e}, "
+                              f"{len(errors)} tensors vs float64 {reference_name}{detail}"))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cases and case.name not in args.cases:
             continue
         for dtype in case.dtypes:
-            for backend in backends:
-                status, line = check(case, backend, dtype, args.device, args.seed)
+            for status, line in check(case, dtype, backends, args.device, args.seed):
                 counts[status] += 1
                 print(line, flush=True)
     print(f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped")
