@@ -413,7 +413,7 @@ def stage_bench(run: Run) -> Outcome:
 
 # ---- pytest with a per-test timeout: this file is also the pytest plugin (-p gpu_check) ----
 
-TEST_TIMEOUT_S = 90
+TEST_TIMEOUT_S = 45  # the slowest CUDA test (T=100k forward, twice) should take a few seconds
 PYTEST_RESTARTS = 3
 _session = None
 _watchdog_file = None  # faulthandler writes into it: pytest's capture owns the test's stderr
@@ -438,6 +438,10 @@ def _reports_file(started: Path) -> Path:
     return started.with_suffix(".reports")
 
 
+def _collected_file(started: Path) -> Path:
+    return started.with_suffix(".collected")
+
+
 def pytest_runtest_logreport(report) -> None:  # noqa: ANN001 - pytest hook
     """Every phase's outcome, kept across the runs of the stage (a killed run prints no summary)."""
     started = _started_file()
@@ -456,6 +460,13 @@ def pytest_collection_modifyitems(session, config, items) -> None:  # noqa: ANN0
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = [item for item in items if item.nodeid not in done]
+
+
+def pytest_collection_finish(session) -> None:  # noqa: ANN001 - pytest hook
+    """The number of tests selected, by the first run of the stage (later runs leave out the started)."""
+    started = _started_file()
+    if started is not None and not _collected_file(started).exists():
+        _collected_file(started).write_text(f"{len(session.items)}\n")
 
 
 def pytest_runtest_logstart(nodeid: str, location) -> None:  # noqa: ANN001 - pytest hook
@@ -489,13 +500,19 @@ class TestTally:
     outcomes: dict[str, str] = field(default_factory=dict)  # node id -> passed | failed | skipped
     hung: list[str] = field(default_factory=list)
     runs: list[Result] = field(default_factory=list)
+    selected: int = 0  # tests selected by the first run
 
     def count(self, outcome: str) -> int:
         return sum(1 for o in self.outcomes.values() if o == outcome)
 
+    @property
+    def not_run(self) -> int:
+        """Selected tests that never ended (the stage's deadline, or a run that broke)."""
+        return max(0, self.selected - len(self.outcomes) - len(self.hung))
+
     def line(self) -> str:
         return (f"{self.count('passed')} passed, {self.count('failed')} failed, {self.count('skipped')} skipped, "
-                f"{len(self.hung)} hung ({len(self.runs)} pytest runs)")
+                f"{len(self.hung)} hung, {self.not_run} not run ({len(self.runs)} pytest runs)")
 
 
 def tally_reports(text: str) -> dict[str, str]:
@@ -524,8 +541,9 @@ def run_pytest(run: Run, arguments: list[str], test_timeout_s: float) -> TestTal
            "GPU_CHECK_STARTED": str(started), "GPU_CHECK_TEST_TIMEOUT": str(test_timeout_s)}
     tally = TestTally()
     for _ in range(1 + PYTEST_RESTARTS):
-        # The session stops itself a test's timeout before the KILL, so its summary line is printed.
-        env["GPU_CHECK_DEADLINE"] = str(time.time() + run.remaining() - test_timeout_s - 5)
+        # The session stops itself shortly before the KILL so that pytest prints its summary; a test
+        # still running at the KILL loses nothing else, the outcomes are in the reports file.
+        env["GPU_CHECK_DEADLINE"] = str(time.time() + run.remaining() - 5)
         result = run.run([PYTHON, "-m", "pytest", "-p", "gpu_check", *arguments], "pytest", env=env)
         tally.runs.append(result)
         dump = watchdog.read_text() if watchdog.exists() else ""
@@ -537,8 +555,9 @@ def run_pytest(run: Run, arguments: list[str], test_timeout_s: float) -> TestTal
         run.append("pytest", f"# HUNG over {test_timeout_s:.0f} s: {test}\n{dump}")
         if run.remaining() < min(30, 3 * test_timeout_s):  # too little left for collection and a few tests
             break
-    reports = _reports_file(started)
+    reports, collected = _reports_file(started), _collected_file(started)
     tally.outcomes = tally_reports(reports.read_text() if reports.exists() else "")
+    tally.selected = int(collected.read_text()) if collected.exists() else 0
     return tally
 
 
@@ -552,7 +571,7 @@ def stage_pytest(run: Run) -> Outcome:
         run.say(f"HUNG (over {TEST_TIMEOUT_S} s, stacks in pytest.log) {nodeid}")
     stopped = [r for r in tally.runs if r.rc not in (0, 1)]  # 1: tests failed; None: killed; other: pytest broke
     run.say(tally.line())
-    ok = not failed and not tally.hung and not stopped and tally.count("passed") > 0
+    ok = not failed and not tally.hung and not stopped and not tally.not_run and tally.count("passed") > 0
     return Outcome("ok" if ok else "failed", tally.line() + "".join(f"; a run {r.describe()}" for r in stopped))
 
 
@@ -683,7 +702,7 @@ def fake_pytest(run: Run) -> Outcome:
     expected = {"test_passes": "passed", "test_fails": "failed", "test_after_the_hang": "passed"}
     outcomes = {nodeid.rsplit("::", 1)[-1]: outcome for nodeid, outcome in tally.outcomes.items()}
     held = (outcomes == expected and len(tally.runs) == 2 and len(tally.hung) == 1
-            and tally.hung[0].endswith("::test_hangs"))
+            and tally.hung[0].endswith("::test_hangs") and tally.selected == 4 and tally.not_run == 0)
     return Outcome("ok" if held else "failed", tally.line() + ("" if held else f"; outcomes {outcomes}"))
 
 
