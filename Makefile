@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test demo bench cuda-emu
+.PHONY: install test demo bench cuda-emu torch-2.11-headers
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,7 @@ install: $(BIN)/python
 test: install
 	$(BIN)/python -m pytest -q tests
 	$(BIN)/python tests/cuda_emu/run.py --ci
+	$(BIN)/python tests/torch_headers_check.py --version 2.11.0
 
 # The CUDA kernels executed on the CPU (tests/cuda_emu): needs torch in the venv, not the extension.
 cuda-emu: $(BIN)/python
@@ -27,3 +28,8 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/bench.py --quick
+
+# csrc/cuda/cublas_gemm.cpp compiled (-fsyntax-only) against torch 2.11.0's headers, the GPU
+# machine's torch (the include tree is downloaded once into ~/.cache/fastlstm).
+torch-2.11-headers: install
+	$(BIN)/python tests/torch_headers_check.py --version 2.11.0

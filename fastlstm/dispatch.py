@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import PackedSequence
 
 from . import _extension
 
@@ -34,19 +35,31 @@ def persistent_support(hidden_size: int, batch: int, dtype: torch.dtype, device:
     return bool(ok), str(reason)
 
 
-def plan(module: torch.nn.Module, input: torch.Tensor, backend: str | None = None) -> Plan:
-    """The kernel ``module`` would use for ``input`` (a tensor, or the data of a PackedSequence)."""
+def batch_size(module: torch.nn.Module, input: torch.Tensor | PackedSequence) -> int:
+    """The batch the kernels see for ``input``: a PackedSequence's widest step (its padded batch),
+    1 for an unbatched (L, input_size) tensor, else the batch dimension of a (L, B, .) or, with
+    ``batch_first``, (B, L, .) tensor."""
+    if isinstance(input, PackedSequence):
+        return int(input.batch_sizes[0])
+    if input.dim() == 2:
+        return 1
+    return input.size(0 if getattr(module, "batch_first", False) else 1)
+
+
+def plan(module: torch.nn.Module, input: torch.Tensor | PackedSequence, backend: str | None = None) -> Plan:
+    """The kernel ``module`` would use for ``input`` (a tensor or a PackedSequence)."""
     options = getattr(module, "options")
     requested = backend or options.backend
-    device = input.device
+    data = input.data if isinstance(input, PackedSequence) else input
+    device = data.device
     if device.type == "cpu":
         if requested == "persistent":
             return Plan("error", "backend='persistent' needs a CUDA device")
         return Plan("cpu", f"fused C++ kernels ({_extension.cpu_capability()}): input projection as large GEMMs, "
                            "the recurrence in one parallel region (step by step with proj_size), weight gradients "
                            "as large GEMMs after the loop")
-    batch = input.size(1 if input.dim() == 3 and not getattr(module, "batch_first", False) else 0)
-    ok, reason = persistent_support(module.hidden_size, batch, input.dtype, device, getattr(module, "proj_size", 0))
+    ok, reason = persistent_support(module.hidden_size, batch_size(module, input), data.dtype, device,
+                                    getattr(module, "proj_size", 0))
     if requested == "stepwise":
         return Plan("stepwise", "requested: cuBLAS GEMM + fused cell kernel per step")
     if requested == "persistent":
@@ -55,7 +68,6 @@ def plan(module: torch.nn.Module, input: torch.Tensor, backend: str | None = Non
                             f"GPU (persistent: {reason})")
 
 
-def explain(module: torch.nn.Module, input: torch.Tensor, backend: str | None = None) -> str:
+def explain(module: torch.nn.Module, input: torch.Tensor | PackedSequence, backend: str | None = None) -> str:
     """A one-line description of the kernel ``module`` would use for ``input``."""
-    data = input.data if isinstance(input, torch.nn.utils.rnn.PackedSequence) else input
-    return str(plan(module, data, backend))
+    return str(plan(module, input, backend))

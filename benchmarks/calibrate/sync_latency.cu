@@ -124,17 +124,20 @@ int main() {
   CHECK(cudaMalloc(&generation, sizeof(unsigned)));
   CHECK(cudaMemset(counter, 0, sizeof(unsigned)));
   CHECK(cudaMemset(generation, 0, sizeof(unsigned)));
-  for (int bytes : {1024, 2048, 4096}) {
-    // `bytes` is the whole h vector; each block owns an equal slice of it.
-    int words = bytes / 4 / sms;
-    if (words < 1) words = 1;
+  for (int target_bytes : {1024, 2048, 4096}) {
+    // Each block owns an equal slice of h, whole words, rounded up so that h is at least the target
+    // size; the label gives the bytes really exchanged (words x 4 x blocks), not the target.
+    const int words = (target_bytes / 4 + sms - 1) / sms;
+    const long exchanged = 4L * words * sms;
     const double us = per_iteration_us(
         [&](int iters) {
-          void* args[] = {&iters, &h, &words, &counter, &generation};
+          int words_arg = words;
+          void* args[] = {&iters, &h, &words_arg, &counter, &generation};
           CHECK(cudaLaunchCooperativeKernel((void*)l2_exchange_loop, sms, 256, args, 0, 0));
         },
         n);
-    std::printf("| L2 counter barrier + exchange | h = %d B over %d blocks | %.3f |\n", bytes, sms, us);
+    std::printf("| L2 counter barrier + exchange | h = %ld B (%d words per block) over %d blocks | %.3f |\n",
+                exchanged, words, sms, us);
   }
 
   if (prop.major >= 9) {

@@ -9,6 +9,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cublas_v2.h>
+#include <torch/version.h>
 
 #include <limits>
 #include <type_traits>
@@ -32,6 +33,20 @@ int checked_int(int64_t v, const char* what) {
   return static_cast<int>(v);
 }
 
+// float32 uses TF32 tensor cores only when PyTorch's own matmul setting allows it. Read through
+// the fp32-precision API where the headers have it (checked in torch 2.11's, the oldest torch
+// the Makefile installs: `make torch-2.11-headers`), as ATen's cuBLAS calls do: the legacy
+// allowTF32CuBLAS() throws once the torch.backends.*.fp32_precision setters have been used.
+// Older headers only have the legacy query, which is then the only setting there is.
+bool matmul_allows_tf32() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 11)
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+         at::Float32Precision::TF32;
+#else
+  return at::globalContext().allowTF32CuBLAS();
+#endif
+}
+
 // op_b/op_a: cuBLAS operations applied to the column-major views of B and A.
 template <class S, class C>
 void gemm(cublasOperation_t op_b, cublasOperation_t op_a, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda,
@@ -52,15 +67,8 @@ void gemm(cublasOperation_t op_b, cublasOperation_t op_a, int64_t M, int64_t N, 
                                       CUBLAS_COMPUTE_64F, CUBLAS_GEMM_DEFAULT));
   } else {
     const float alpha = 1, beta = accumulate ? 1 : 0;
-    // float32 uses TF32 tensor cores only when PyTorch's own matmul setting allows it. Read
-    // through the fp32-precision API, as ATen's cuBLAS calls do: the legacy allowTF32CuBLAS()
-    // throws once the new torch.backends.*.fp32_precision setters have been used.
     const cublasComputeType_t compute =
-        std::is_same_v<S, float> && at::globalContext().float32Precision(at::Float32Backend::CUDA,
-                                                                          at::Float32Op::MATMUL) ==
-                                        at::Float32Precision::TF32
-                                            ? CUBLAS_COMPUTE_32F_FAST_TF32
-                                            : CUBLAS_COMPUTE_32F;
+        std::is_same_v<S, float> && matmul_allows_tf32() ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
     TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, op_b, op_a, m, n, k, &alpha, B, data_type<S>(), checked_int(ldb, "ldb"),
                                       A, data_type<S>(), checked_int(lda, "lda"), &beta, out, data_type<C>(), m,
                                       compute, CUBLAS_GEMM_DEFAULT));
