@@ -99,6 +99,8 @@ struct CpuPolicy {
 
   template <class S>
   static int64_t norm_tiles(int64_t H, int64_t, bool fused) { return fused ? unit_blocks<S>(H) : 1; }
+  static int64_t norm_rows(int64_t B, bool) { return B; }
+  static int64_t inference_chunk(int64_t, int64_t, int64_t, size_t) { return kInferenceChunk; }
 
   template <class S, class A>
   static void cell_forward(const ForwardCellArgs<S, A>& a) { cpu::cell_forward<S>(a); }

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "../fastlstm/layer_op.h"
@@ -55,6 +56,17 @@ struct CudaPolicy {
    private:
     Matrix<S> mat_;
   };
+
+  // Steps per chunk without a backward: chunk buffers of at most kInferenceBytes, so a launch
+  // (and its W_hh fill, tens of microseconds at large H) is amortised over many steps.
+  static int64_t inference_chunk(int64_t B, int64_t H, int64_t K, size_t elem) {
+    constexpr int64_t kInferenceBytes = int64_t(256) << 20;
+    const int64_t per_step = std::max<int64_t>(1, B * (5 * H * 4 + 2 * K * static_cast<int64_t>(elem)));
+    return std::clamp<int64_t>(kInferenceBytes / per_step, 64, 1 << 16);
+  }
+
+  // The persistent backward sums the norm partials over the batch inside each block.
+  static int64_t norm_rows(int64_t B, bool fused) { return fused ? 1 : B; }
 
   template <class S>
   static int64_t norm_tiles(int64_t H, int64_t B, bool fused) {

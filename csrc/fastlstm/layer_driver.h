@@ -14,8 +14,9 @@
 // Policy contract: Matrix<scalar_t>, a weight prepared once per call for repeated products
 // (times_transposed: out = A W^T, times: out = A W); Recurrent<scalar_t>, the same for W_hh plus
 // fused_forward / fused_backward, a whole-chunk recurrence; projection_steps (how many steps of
-// input projection to run ahead of the recurrence); norm_tiles; the pointwise kernels of
-// step_args.h.
+// input projection to run ahead of the recurrence); inference_chunk (steps per chunk when no
+// backward follows); norm_rows and norm_tiles (the shape of the per-step norm partial sums); the
+// pointwise kernels of step_args.h.
 //
 // Memory modes: with checkpoint_every = 0 the forward saves the activated gates and the cell
 // state of every step. With checkpoint_every = k it saves only the state (r, c) at the boundaries of
@@ -48,7 +49,8 @@ struct LayerBackwardResult {
 
 // checkpoint_every: 0 saves every step for the backward; k > 0 saves the state every k steps
 // (the backward recomputes the rest); kNoBackward saves nothing because no backward will run,
-// and the forward works through kInferenceChunk steps at a time in chunk-sized buffers.
+// and the forward works through Policy::inference_chunk steps at a time in chunk-sized buffers
+// (kInferenceChunk on the CPU, whose buffers should stay in cache).
 constexpr int64_t kNoBackward = -1;
 constexpr int64_t kInferenceChunk = 64;
 
@@ -66,7 +68,8 @@ class LayerDriver {
         T_(x.size(0)), B_(x.size(1)), I_(x.size(2)), H_(w_hh.size(0) / 4),
         K_(w_hh.size(1)), proj_(w_hr.defined()),
         chunk_(std::min(checkpoint_every > 0               ? checkpoint_every
-                        : checkpoint_every == kNoBackward ? kInferenceChunk
+                        : checkpoint_every == kNoBackward
+                            ? Policy::inference_chunk(x.size(1), w_hh.size(0) / 4, w_hh.size(1), x.element_size())
                                                           : x.size(0),
                         x.size(0))),
         nchunks_((T_ + chunk_ - 1) / chunk_),
@@ -134,8 +137,9 @@ class LayerDriver {
     at::Tensor carry_c = dc_n.defined() ? dc_n.to(acc_type_).contiguous().clone()
                                         : at::zeros({B_, H_}, acc_opts_);
     const int64_t tiles = Policy::template norm_tiles<scalar_t>(H_, B_, fused_);
+    const int64_t rows = Policy::norm_rows(B_, fused_);
     at::Tensor norm_partial =
-        opts.record_norms ? new_buffer({T_, 2, B_, tiles}, acc_opts_) : at::Tensor();
+        opts.record_norms ? new_buffer({T_, 2, rows, tiles}, acc_opts_) : at::Tensor();
     at::Tensor dh_ws = proj_ ? new_buffer({B_, H_}, acc_opts_) : at::Tensor();
     out.dx = opts.input_grad ? new_buffer({T_, B_, I_}, x_.options()) : at::empty({0}, x_.options());
 
@@ -184,7 +188,7 @@ class LayerDriver {
           a.c_prev = c_prev;
           a.dc = carry_c.data_ptr<acc_t>();
           a.dgates = dg_base + slot * B_ * 4 * H_;
-          a.norm_partial = norm_ptr ? norm_ptr + t * 2 * B_ * tiles : nullptr;
+          a.norm_partial = norm_ptr ? norm_ptr + t * 2 * rows * tiles : nullptr;
           a.lengths = lengths_ptr();
           a.t = t;
           a.T = T_;

@@ -96,7 +96,7 @@ struct ChunkRecurrenceArgs {
   scalar_t* dgates;         // slot-indexed like gates
   acc_t* carry_h;           // (B, H) raw carries, in and out
   acc_t* carry_c;
-  acc_t* norm_partial;      // (T, 2, B, tiles) or null
+  acc_t* norm_partial;      // (T, 2, Policy::norm_rows, tiles) or null
   BackwardOptions opts;
 };
 

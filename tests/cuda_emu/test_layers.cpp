@@ -119,6 +119,7 @@ void compare(const Case& c) {
   expect_close(std::get<0>(out), std::get<0>(ref), "y", tol);
   expect_close(std::get<1>(out), std::get<1>(ref), "h_n", tol);
   expect_close(std::get<2>(out), std::get<2>(ref), "c_n", tol);
+  if (c.checkpoint_every == fastlstm::kNoBackward) return;  // inference: nothing saved, no backward
 
   auto backward = [&](c10::DispatchKeySet keys, bool f64, const fastlstm::ForwardOut& f) {
     return backward_op().redispatch(keys, wide(dy, f64), wide_opt(dh_n, f64), wide_opt(dc_n, f64), wide(x, f64),
@@ -219,6 +220,17 @@ TEST(checkpointing) {
     c.checkpoint_every = 3;
     c.packed = true;
     c.norms = true;
+  });
+}
+
+// Without a backward the driver works in chunks: 64 steps on the CPU, many more on CUDA.
+TEST(inference_chunks) {
+  for_each_config([](Case& c) {
+    c.checkpoint_every = fastlstm::kNoBackward;
+    c.T = 150;
+    c.B = 2;
+    c.H = 8;
+    c.packed = true;
   });
 }
 
