@@ -93,7 +93,7 @@ __device__ __forceinline__ void copy_to_shared(T* dst, int dst_stride, const T* 
 }
 
 template <class scalar_t, class acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     persistent_forward_kernel(const ChunkRecurrenceArgs<scalar_t, acc_t> a, const int hb, const int bt) {
   FASTLSTM_DYNAMIC_SMEM(smem);
   // Sizes fit in 32 bits (checked at launch): no 64-bit division in the loops.
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <class scalar_t, class acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     persistent_backward_kernel(const ChunkRecurrenceArgs<scalar_t, acc_t> a, const int hb, const int bt) {
   FASTLSTM_DYNAMIC_SMEM(smem);
   const int H = static_cast<int>(a.H), B = static_cast<int>(a.B), G = 4 * H;
