@@ -79,7 +79,7 @@ class Config:
 
 
 # --quick: sized for a few minutes on 2 CPU cores, at the full T = 10,000.
-QUICK = Config(T=10_000, batch=8, hidden=16, regression_updates=60, labelling_updates=60, checkpoint_every=100,
+QUICK = Config(T=10_000, batch=16, hidden=32, regression_updates=150, labelling_updates=150, checkpoint_every=100,
                tbptt_chunk=250, grad_clip=1.0, lr=1e-2, test_sequences=32, probe_batch=8)
 # --full: a larger model, batch and budget, for a GPU.
 FULL = Config(T=10_000, batch=64, hidden=128, regression_updates=1000, labelling_updates=500, checkpoint_every=100,
@@ -194,6 +194,8 @@ def main() -> None:
     size.add_argument("--full", action="store_true", help="bigger model, batch and budget: for a GPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--updates", type=int, help="override both tasks' number of updates")
+    parser.add_argument("--hidden", type=int, help="override the hidden size (per direction)")
+    parser.add_argument("--batch", type=int, help="override the batch size")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--machine-note", default="",
                         help="a sentence about the machine for the results file (e.g. that it was shared)")
@@ -204,6 +206,7 @@ def main() -> None:
     cfg = FULL if args.full else QUICK
     if args.updates:
         cfg = replace(cfg, regression_updates=args.updates, labelling_updates=args.updates)
+    cfg = replace(cfg, hidden=args.hidden or cfg.hidden, batch=args.batch or cfg.batch)
     tag = "full" if args.full else "quick"
     device = torch.device(args.device)
     if args.threads:

@@ -48,26 +48,35 @@ def plot_loss_curves(tasks: list[tuple[str, str, list[Outcome]]], path: Path, fo
 
 def plot_grad_norms_by_distance(curves: dict[str, fastlstm.GradNorms], path: Path, title: str) -> None:
     """||dL/dh_t|| and ||dL/dc_t|| of the forward direction against the distance T-1-t from the
-    last-output loss, log scale, one line per recording (label -> GradNorms of a 1-layer BiLSTM).
+    last-output loss, both on log scales, one line per recording (label -> GradNorms of a 1-layer
+    BiLSTM). The x axis spans the whole signal, so the reach of the gradient is seen against T.
 
-    Zeros (gradients that underflowed, or steps no gradient reaches) cannot sit on a log scale:
-    they are left out of the line, and the legend says how many steps were zero.
+    Zeros cannot sit on a log scale: they are left out of the line, and the legend says from which
+    distance on the recorded norm is 0 (the norm underflows once the gradient is ~1e-20 or less).
     """
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    T = 1
     for ax, which in zip(axes, ("h", "c")):
         for label, norms in curves.items():
             forward = getattr(norms, which)[0, 0].detach().double().cpu().flip(0)  # index = distance
-            distance = torch.arange(forward.numel())
+            T = forward.numel()
+            distance = torch.arange(T)
             live = forward > 0
-            zeros = int((~live).sum())
-            suffix = f" ({zeros} zero steps not drawn)" if zeros else ""
-            ax.plot(distance[live].numpy(), forward[live].numpy(), label=label + suffix, linewidth=1)
+            suffix = ""
+            if not bool(live.all()):
+                first_zero = int((~live).nonzero()[0])
+                suffix = f" (0 from distance {first_zero} on: not drawn)"
+            ax.plot(distance[live].numpy() + 1, forward[live].numpy(), label=label + suffix, linewidth=1.2)
+        ax.axvline(T, color="gray", linestyle="--", linewidth=1)
+        ax.text(T, ax.get_ylim()[1], " t = 0\n (start)", va="top", ha="right", fontsize=8, color="gray")
+        ax.set_xscale("log")
+        ax.set_xlim(1, T * 1.05)
         ax.set_yscale("log")
-        ax.set_xlabel("distance from the loss, T-1-t (steps)")
+        ax.set_xlabel("distance from the loss + 1, T-t (steps, log scale)")
         ax.set_ylabel(f"||dL/d{which}_t|| (L2 over batch and units, log scale)")
         ax.set_title(f"gradient reaching {which}_t, forward direction")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
