@@ -11,7 +11,7 @@ Contenders (same model size, optimizer, batches and number of updates):
      state detached between chunks, one backward per chunk (so only one chunk's activations are
      alive), one optimizer step per batch - the same gradient as (c) without its clipping;
 (c) ``fastlstm.LSTM`` at full length, one call, truncated BPTT and recurrent clipping in the
-    backward kernel (``tbptt_chunk=k``, ``grad_clip``).
+    backward kernel (``tbptt_chunk=k``, ``grad_clip``), and ``checkpoint_every`` for memory.
 The test error is measured at the 200 evaluation points of every test sequence (the last step of
 each window), for every contender.
 """
@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import fastlstm
 from demo_signals import downsample, eval_points
 
 
@@ -38,10 +37,6 @@ class Tagger(nn.Module):
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         out, state = self.lstm(x, state)
         return self.head(out), state
-
-
-def fast_lstm(hidden: int, tbptt_chunk: int, grad_clip: float) -> fastlstm.LSTM:
-    return fastlstm.LSTM(1, hidden, tbptt_chunk=tbptt_chunk, grad_clip=grad_clip)
 
 
 def full_length_update(model: Tagger, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -36,7 +36,7 @@ def plot_loss_curves(tasks: list[tuple[str, str, list[Outcome]]], path: Path, fo
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("training wall time (s, log scale)")
-        ax.set_ylabel(ylabel + " (running mean of 10 updates, log scale)")
+        ax.set_ylabel(ylabel + " (mean of last 10 updates, log)")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

@@ -50,10 +50,6 @@ def bilstm(hidden: int) -> nn.LSTM:
     return nn.LSTM(1, hidden, bidirectional=True)
 
 
-def fast_bilstm(hidden: int, checkpoint_every: int, grad_clip: float) -> fastlstm.LSTM:
-    return fastlstm.LSTM(1, hidden, bidirectional=True, checkpoint_every=checkpoint_every, grad_clip=grad_clip)
-
-
 def full_length_update(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     loss = F.mse_loss(model(x), y)
     loss.backward()
