@@ -28,6 +28,10 @@ Usage::
 
     PYTHONPATH=. .venv/bin/python benchmarks/demo_long_signal.py            # --quick: CPU, a few minutes
     PYTHONPATH=. .venv/bin/python benchmarks/demo_long_signal.py --full     # bigger model and budget: a GPU
+
+On a CPU shared with other jobs, ``--threads 1`` avoids the slowdown of OpenMP threads that wait
+for each other on oversubscribed cores (the committed run used it); ``--machine-note`` adds a
+sentence about the machine to the results.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import demo_labelling as labelling  # noqa: E402  (this script's folder)
 import demo_regression as regression  # noqa: E402
 from demo_plots import plot_grad_norms_by_distance, plot_loss_curves  # noqa: E402
 from demo_signals import DUTY_STD, PERIODS, POINTS, labelling_batch, regression_batch  # noqa: E402
-from demo_training import Outcome, mib, train  # noqa: E402
+from demo_training import Outcome, Update, mib, train  # noqa: E402
 from environment import device_name, device_slug  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -103,8 +107,9 @@ def warm_up(device: torch.device, hidden: int) -> None:
         out.sum().backward()
 
 
-def run_contender(name: str, base: nn.Module, lstm: nn.Module | None, update, batches: Batches, cfg: Config,
-                  device: torch.device, evaluate: Callable[[nn.Module], float]) -> tuple[Outcome, nn.Module]:
+def run_contender(name: str, base: nn.Module, lstm: nn.Module | None, update: Update, batches: Batches,
+                  cfg: Config, device: torch.device, evaluate: Callable[[nn.Module], float]
+                  ) -> tuple[Outcome, nn.Module]:
     """Train a copy of ``base`` (its LSTM replaced by ``lstm`` when given) and evaluate it."""
     model = copy.deepcopy(base)
     if lstm is not None:
