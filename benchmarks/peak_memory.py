@@ -4,11 +4,15 @@ streaming-memory benchmark).
 CUDA: ``torch.cuda.max_memory_allocated`` after a reset of the peak statistics. CPU: the process's
 peak RSS, VmHWM, after resetting it through /proc/self/clear_refs (Linux). Where that reset is not
 possible, the lifetime peak from ``getrusage`` minus the RSS at the start when ``rusage_fallback``
-(an upper bound, and said so in ``method``), else NaN.
+(an upper bound, and said so in ``method``), else NaN. On the CPU, freed heap memory is returned to
+the OS first (glibc ``malloc_trim``), so that what an earlier phase freed but the allocator kept
+does not hide this phase's growth.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import os
 import re
@@ -28,6 +32,16 @@ def _status(field: str) -> int:
         return int(match.group(1)) * 1024 if match else -1
     except OSError:
         return -1
+
+
+def _release_free_heap() -> None:
+    """Return freed heap memory to the OS (glibc malloc_trim), so that memory a previous phase freed
+    but the allocator kept does not sit in the starting RSS and hide this phase's growth."""
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc: the starting RSS may include freed memory (the peak is then an underestimate)
 
 
 def _reset_hwm() -> bool:
@@ -50,6 +64,8 @@ class PeakMemory:
 
     def start(self) -> None:
         gc.collect()
+        if self.device.type != "cuda":
+            _release_free_heap()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
