@@ -141,9 +141,10 @@ def build(variant: Variant, jobs: int) -> dict[str, Path]:
 
 
 SUMMARY = re.compile(r"^(\d+) passed, (\d+) failed$", re.M)
+DIGEST = re.compile(r"^digest ([0-9a-f]+)$", re.M)
 
 
-def run_program(exe: Path, run: Run, filter_: str) -> tuple[int, int]:
+def run_program(exe: Path, run: Run, filter_: str, digests: set[str]) -> tuple[int, int]:
     env = dict(os.environ, **run.env)
     if run.variant.sanitize:
         # libtorch is not instrumented; leaks at exit in its static state are not ours.
@@ -153,6 +154,7 @@ def run_program(exe: Path, run: Run, filter_: str) -> tuple[int, int]:
     proc = subprocess.run([str(exe), filter_], env=env, capture_output=True, text=True)
     sys.stdout.write(proc.stdout)
     sys.stdout.write(proc.stderr)
+    digests.update(DIGEST.findall(proc.stdout))
     m = SUMMARY.findall(proc.stdout)
     if proc.returncode != 0 and not m:
         print(f"cuda_emu: {exe.name} exited with status {proc.returncode} before its summary")
@@ -194,12 +196,20 @@ def main() -> int:
     start = time.monotonic()
     passed = failed = 0
     built: dict[str, dict[str, Path]] = {}
+    digests: set[str] = set()
     for run in runs:
         if run.variant.name not in built:
             built[run.variant.name] = build(run.variant, args.jobs)
         for exe in built[run.variant.name].values():
-            p, f = run_program(exe, run, args.filter)
+            p, f = run_program(exe, run, args.filter, digests)
             passed, failed = passed + p, failed + f
+    # The reproducibility test's digest must not depend on the schedule (or the sanitizer build).
+    if len(digests) > 1:
+        print(f"FAIL results differ between schedules: digests {sorted(digests)}")
+        failed += 1
+    elif digests:
+        print(f"PASS results are bitwise identical across the {len(runs)} runs' schedules")
+        passed += 1
     print(f"cuda_emu: {len(runs)} runs in {time.monotonic() - start:.0f} s")
     print(f"{passed} passed, {failed} failed")
     return 0 if failed == 0 and passed > 0 else 1

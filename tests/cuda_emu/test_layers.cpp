@@ -82,8 +82,9 @@ void expect_close(const Tensor& got, const Tensor& want, const std::string& what
   EXPECT(err <= tol, what + ": relative error " + std::to_string(err) + " > " + std::to_string(tol));
 }
 
-// Runs a layer forward and backward through the CPU and the CUDA kernels and compares everything.
-void compare(const Case& c) {
+// Runs a layer forward and backward through the CPU and the CUDA kernels, compares everything,
+// and returns the CUDA kernels' results.
+std::vector<Tensor> compare(const Case& c) {
   at::manual_seed(c.seed);
   const int64_t K = c.P > 0 ? c.P : c.H;
   const auto f64 = at::TensorOptions().dtype(at::kDouble);
@@ -119,7 +120,8 @@ void compare(const Case& c) {
   expect_close(std::get<0>(out), std::get<0>(ref), "y", tol);
   expect_close(std::get<1>(out), std::get<1>(ref), "h_n", tol);
   expect_close(std::get<2>(out), std::get<2>(ref), "c_n", tol);
-  if (c.checkpoint_every == fastlstm::kNoBackward) return;  // inference: nothing saved, no backward
+  std::vector<Tensor> results = {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
+  if (c.checkpoint_every == fastlstm::kNoBackward) return results;  // inference: nothing saved, no backward
 
   auto backward = [&](c10::DispatchKeySet keys, bool f64, const fastlstm::ForwardOut& f) {
     return backward_op().redispatch(keys, wide(dy, f64), wide_opt(dh_n, f64), wide_opt(dc_n, f64), wide(x, f64),
@@ -135,6 +137,8 @@ void compare(const Case& c) {
   const Tensor want[] = {std::get<0>(gref), std::get<1>(gref), std::get<2>(gref), std::get<3>(gref),
                          std::get<4>(gref), std::get<5>(gref), std::get<6>(gref), std::get<7>(gref)};
   for (int k = 0; k < 8; ++k) expect_close(got[k], want[k], names[k], tol);
+  results.insert(results.end(), std::begin(got), std::end(got));
+  return results;
 }
 
 const at::ScalarType kDtypes[] = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
@@ -324,6 +328,37 @@ TEST(persistent_sm_counts) {
       compare(c);
     }
   }
+  cuda_emu::set_device_limits(saved.multiProcessorCount, saved.sharedMemPerBlockOptin);
+}
+
+// Bitwise reproducibility: no atomics in any reduction, fixed reduction orders. The digest printed
+// here is compared by run.py across the runs of different schedules: a result that depended on
+// the order in which threads or blocks ran would differ between them.
+TEST(results_are_bitwise_reproducible) {
+  const cudaDeviceProp saved = cuda_emu::device();
+  cuda_emu::set_device_limits(4, saved.sharedMemPerBlockOptin);  // the partition into blocks is fixed
+  uint64_t digest = 1469598103934665603ull;  // FNV-1a over every result's bytes
+  for (const std::string& backend : {"stepwise", "persistent"}) {
+    for (at::ScalarType dtype : kDtypes) {
+      Case c;
+      c.dtype = dtype;
+      c.backend = backend;
+      c.H = 19;
+      c.packed = true;
+      c.norms = true;
+      c.tbptt = 3;
+      c.clip = 0.5;
+      const std::vector<Tensor> first = compare(c), second = compare(c);
+      for (size_t k = 0; k < first.size(); ++k) {
+        EXPECT(first[k].numel() == 0 || at::equal(first[k], second[k]), backend + " result " + std::to_string(k));
+        const Tensor bytes = first[k].contiguous().view(at::kByte);
+        for (int64_t i = 0; i < bytes.numel(); ++i) {
+          digest = (digest ^ bytes.data_ptr<uint8_t>()[i]) * 1099511628211ull;
+        }
+      }
+    }
+  }
+  std::printf("digest %016llx\n", static_cast<unsigned long long>(digest));
   cuda_emu::set_device_limits(saved.multiProcessorCount, saved.sharedMemPerBlockOptin);
 }
 
