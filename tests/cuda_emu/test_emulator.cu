@@ -5,6 +5,7 @@
 #include <cooperative_groups.h>
 
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -12,6 +13,7 @@
 
 #include "../../csrc/cuda/block_reduce.cuh"
 #include "../../csrc/cuda/launch.cuh"
+#include "../../csrc/cuda/mma.cuh"
 #include "check.h"
 
 namespace cg = cooperative_groups;
@@ -207,6 +209,62 @@ TEST(launch_limits_fail_like_cuda) {
   EXPECT(ok(cudaGetLastError()));
   EXPECT(cudaFuncSetAttribute(empty_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               static_cast<int>(prop.sharedMemPerBlockOptin) + 1) != cudaSuccess);
+}
+
+// One m16n8k16 product per warp: D = A B + C from tiles in memory, through the fragment loaders.
+template <fastlstm::cuda::MmaInput In>
+__global__ void mma_kernel(const uint16_t* a, const uint16_t* b_cols, const float* c, float* d) {
+  using namespace fastlstm::cuda;
+  const FragmentA fa = load_fragment_a(a, 16);
+  const FragmentB fb = load_fragment_b(b_cols, 16);
+  FragmentC fc, fd;
+  const int lane = static_cast<int>(threadIdx.x % 32), g = lane / 4, q = lane % 4;
+  fc.reg[0] = c[g * 8 + 2 * q];
+  fc.reg[1] = c[g * 8 + 2 * q + 1];
+  fc.reg[2] = c[(g + 8) * 8 + 2 * q];
+  fc.reg[3] = c[(g + 8) * 8 + 2 * q + 1];
+  mma_m16n8k16<In>(fd, fa, fb, fc);
+  store_fragment_c(fd, d, 8);
+}
+
+// Values k / 8 with |k| <= 24 are exact in bf16 and fp16, and so is every sum of 16 products:
+// the tensor-core result must equal the plain product exactly.
+uint16_t to_bits(float v, fastlstm::cuda::MmaInput in) {
+  uint32_t f;
+  std::memcpy(&f, &v, sizeof f);
+  if (in == fastlstm::cuda::MmaInput::BF16) return static_cast<uint16_t>(f >> 16);
+  if (v == 0) return static_cast<uint16_t>((f >> 16) & 0x8000u);
+  const uint32_t sign = (f >> 16) & 0x8000u, exp = (f >> 23) & 0xffu, mant = f & 0x7fffffu;
+  return static_cast<uint16_t>(sign | ((exp - 112) << 10) | (mant >> 13));
+}
+
+template <fastlstm::cuda::MmaInput In>
+void check_mma(const char* name) {
+  Managed<uint16_t> a(16 * 16), b(8 * 16);
+  Managed<float> c(16 * 8), d(16 * 8, -1);
+  std::vector<float> av(16 * 16), bv(16 * 8);  // bv[k * 8 + n]
+  for (int i = 0; i < 16 * 16; ++i) av[i] = static_cast<float>((i * 7 + 3) % 49 - 24) / 8;
+  for (int i = 0; i < 16 * 8; ++i) bv[i] = static_cast<float>((i * 5 + 1) % 41 - 20) / 8;
+  for (int i = 0; i < 16 * 16; ++i) a[i] = to_bits(av[i], In);
+  for (int k = 0; k < 16; ++k) {
+    for (int n = 0; n < 8; ++n) b[n * 16 + k] = to_bits(bv[k * 8 + n], In);  // stored column by column
+  }
+  for (int i = 0; i < 16 * 8; ++i) c[i] = static_cast<float>(i % 9) - 4;
+  FASTLSTM_LAUNCH(mma_kernel<In>, 1, 32, 0, nullptr, a.p, b.p, c.p, d.p);
+  EXPECT(ok(cudaDeviceSynchronize()));
+  for (int m = 0; m < 16; ++m) {
+    for (int n = 0; n < 8; ++n) {
+      double want = c[m * 8 + n];
+      for (int k = 0; k < 16; ++k) want += static_cast<double>(av[m * 16 + k]) * bv[k * 8 + n];
+      EXPECT(d[m * 8 + n] == want, std::string(name) + " D[" + std::to_string(m) + "][" + std::to_string(n) +
+                                       "] = " + std::to_string(d[m * 8 + n]) + ", want " + std::to_string(want));
+    }
+  }
+}
+
+TEST(mma_m16n8k16_matches_a_plain_product) {
+  check_mma<fastlstm::cuda::MmaInput::BF16>("bf16");
+  check_mma<fastlstm::cuda::MmaInput::F16>("fp16");
 }
 
 #ifdef FASTLSTM_CUDA_EMU
