@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _extension  # noqa: F401  (loads the library)
+from . import composite
 
 _layer_forward = torch.ops.fastlstm.layer_forward.default
 _layer_backward = torch.ops.fastlstm.layer_backward.default
@@ -77,6 +78,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
+    if torch.is_grad_enabled():
+        # create_graph=True: the kernels' gradient would have no derivative.
+        return _composite_backward(ctx, grad_y, grad_h_n, grad_c_n)
     x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, y, saved_gates, saved_c, saved_r = ctx.saved_tensors
     reverse, checkpoint_every, tbptt_chunk, grad_clip, grad_clip_mode = ctx.options
     dx, dw_ih, dw_hh, dbias, dw_hr, dh0, dc0, norms = _layer_backward(
@@ -86,6 +90,41 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
     return (dx if ctx.needs_input_grad[0] else None, dw_ih, dw_hh, dbias if bias is not None else None,
             dw_hr if w_hr is not None else None, dh0, dc0, None, norms if ctx.record_norms else None,
             None, None, None, None, None, None)
+
+
+def _composite_backward(ctx, grad_y, grad_h_n, grad_c_n):
+    """The backward as a differentiable function of the layer's inputs and of the incoming gradients.
+
+    Recomputes the layer with ATen ops (fastlstm.composite), whose autograd gradient has the
+    kernels' truncation and clipping, and differentiates it with ``create_graph=True``. Same
+    first-order values as the kernels up to rounding; the norms (when recorded) are taken from
+    this first-order gradient and carry no graph.
+    """
+    x, w_ih, w_hh, bias, w_hr, h0, c0, lengths = ctx.saved_tensors[:8]
+    reverse, _, tbptt_chunk, grad_clip, grad_clip_mode = ctx.options
+    acc = _acc_dtype(x.dtype)
+    inputs = (x, w_ih, w_hh, bias, w_hr, h0, c0)
+    needed = ctx.needs_input_grad[:7]
+    # Inputs outside the outer graph join as fresh leaves, so the recomputation is tracked even
+    # when only the norms are wanted (they are gradients with respect to intermediate values).
+    leaves = [t if t is None or t.requires_grad else t.detach().requires_grad_() for t in inputs]
+    trace = composite.lstm_layer(
+        *(t if t is None else t.to(acc) for t in leaves), lengths, reverse=reverse, tbptt_chunk=tbptt_chunk,
+        clip_recurrent=grad_clip if grad_clip_mode == "recurrent" else 0.0,
+        clip_gates=grad_clip if grad_clip_mode == "gates" else 0.0)
+    pairs = [(out, g.to(acc)) for out, g in zip(trace[:3], (grad_y, grad_h_n, grad_c_n)) if g is not None]
+    wrt = [t for t, need in zip(leaves, needed) if need]
+    cells = trace.h_cells + trace.c_cells if ctx.record_norms else []
+    grads = torch.autograd.grad([o for o, _ in pairs], wrt + cells, [g for _, g in pairs], create_graph=True,
+                                allow_unused=True, materialize_grads=True)
+    input_grads = iter(grads[:len(wrt)])
+    result = [next(input_grads).to(t.dtype) if need else None for t, need in zip(inputs, needed)]
+    norms = None
+    if ctx.record_norms:
+        T = x.shape[0]
+        squares = torch.stack([g.detach().square().sum() for g in grads[len(wrt):]])
+        norms = squares.view(2, T).sqrt()
+    return (*result, None, norms, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("fastlstm::layer_forward", _backward, setup_context=_setup_context)
