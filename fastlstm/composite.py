@@ -1,25 +1,23 @@
-"""A differentiable ATen recomputation of one layer, for backwards that must themselves be differentiated.
+"""The backward of one layer written out with ATen ops, for backwards that must themselves be differentiated.
 
 The fused kernels compute the first-order gradient directly and have no derivative of their own.
 When a backward runs with ``create_graph=True`` (Hessian-vector products, gradient penalties,
-MAML), :mod:`fastlstm.ops` instead recomputes the layer here with plain ATen ops and lets autograd
-differentiate it, so the gradient it returns carries a graph. Two identity functions in the
-recurrence give autograd's gradient the kernels' exact first-order semantics:
+MAML), :mod:`fastlstm.ops` calls :func:`layer_gradients` instead: it recomputes the layer's
+forward and then runs the same backward recurrence as the kernels (``cell_math.h``: the carry
+rules of truncation and recurrent clipping, the clamp of gate clipping, padding, projections),
+step by step with differentiable ATen ops. The gradient it returns is therefore an explicit
+function of the layer's inputs, parameters and incoming gradients, and autograd differentiates it
+exactly (almost everywhere):
 
-* :class:`_ReceiveCarry` on the state (r_{s-1}, c_{s-1}) entering step s: its backward cuts
-  (tbptt) or clamps (recurrent clipping) the gradient step s sends back, per row, as
-  ``cell_math.h``'s ``receive_carry`` does;
-* :class:`_ClipGateGrad` on the gate pre-activations G_s (gate clipping): its backward clamps dG_s.
+* a carry cut by ``tbptt_chunk`` is the constant 0 (derivative 0); the forward states are not
+  detached, so the derivative of the truncated gradient still follows how each state depends on
+  the earlier steps and the parameters (unlike the double backward of a model run in chunks with
+  ``.detach()`` between them, which treats the detached state as a constant);
+* a clamped element u -> clamp(u, -c, c) (recurrent carries, or gate gradients dG) has derivative
+  1 where -c <= u <= c (torch.clamp's convention at the bounds) and 0 where it was clipped; which
+  elements are clipped is piecewise constant and not differentiated.
 
-Both backwards are written with differentiable ops, so the second order of the clipped or truncated
-gradient is the derivative of exactly that function: a cut carry is the constant 0 (derivative 0);
-a clamped element g -> clamp(g, -c, c) has derivative 1 where -c <= g <= c (torch.clamp's
-convention at the bounds) and 0 where it was clipped. The clipping decision is not itself
-differentiated (it is piecewise constant).
-
-Speed is not the goal (a Python loop over time steps); the recurrence matches the kernels: gate
-order i, f, g, o, padding rows pass their state through unchanged and output zeros, the reverse
-direction starts each row at its own last element.
+Speed is not the goal: a Python loop over the time steps, every step's values kept.
 """
 
 from __future__ import annotations
@@ -30,89 +28,118 @@ import torch
 from torch import Tensor
 
 
-class _ReceiveCarry(torch.autograd.Function):
-    """Identity; the backward applies the carry rule of the step that reads this state.
+class LayerGradients(NamedTuple):
+    """dx (T, B, I), dw_ih, dw_hh, dbias (or None), dw_hr (or None), dh0 (B, K), dc0 (B, H), and
+    norms (2, T): per time the L2 norm over batch and units of the total gradient reaching the
+    cell's h_t and c_t (row 0: h, row 1: c)."""
 
-    cut, clamp: (B, 1) bool, per row: the gradient is zeroed (cut), clamped to [-clip, clip]
-    (clamp), or passed unchanged (neither).
-    """
-
-    @staticmethod
-    def forward(ctx, state: Tensor, cut: Tensor, clamp: Tensor, clip: float) -> Tensor:
-        ctx.save_for_backward(cut, clamp)
-        ctx.clip = clip
-        return state.view_as(state)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        cut, clamp = ctx.saved_tensors
-        if ctx.clip > 0:
-            grad = torch.where(clamp, grad.clamp(-ctx.clip, ctx.clip), grad)
-        return torch.where(cut, torch.zeros_like(grad), grad), None, None, None
+    dx: Tensor
+    dw_ih: Tensor
+    dw_hh: Tensor
+    dbias: Tensor | None
+    dw_hr: Tensor | None
+    dh0: Tensor
+    dc0: Tensor
+    norms: Tensor
 
 
-class _ClipGateGrad(torch.autograd.Function):
-    """Identity; the backward clamps the gate pre-activation gradient dG to [-clip, clip]."""
+class _Step(NamedTuple):
+    """What the forward of one step keeps for the backward (rows of a padded step are masked)."""
 
-    @staticmethod
-    def forward(ctx, gates: Tensor, clip: float) -> Tensor:
-        ctx.clip = clip
-        return gates.view_as(gates)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad.clamp(-ctx.clip, ctx.clip), None
-
-
-class LayerTrace(NamedTuple):
-    """The outputs of :func:`lstm_layer` and the per-step cell values the gradient norms are taken at.
-
-    y (T, B, K), h_n (B, K), c_n (B, H); h_cells, c_cells: T tensors (B, H) indexed by time, the cell's
-    h_t (before the projection) and c_t.
-    """
-
-    y: Tensor
-    h_n: Tensor
-    c_n: Tensor
-    h_cells: list[Tensor]
-    c_cells: list[Tensor]
+    t: int
+    live: Tensor  # (B, 1) bool
+    i: Tensor
+    f: Tensor
+    g: Tensor
+    o: Tensor
+    c: Tensor       # c_t of the cell
+    c_prev: Tensor
+    r_prev: Tensor
+    h: Tensor       # the cell's h_t, before the projection
 
 
-def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None, w_hr: Tensor | None, h0: Tensor,
-               c0: Tensor, lengths: Tensor | None, *, reverse: bool, tbptt_chunk: int, clip_recurrent: float,
-               clip_gates: float) -> LayerTrace:
-    """One layer and direction, as ``fastlstm.ops.lstm_layer`` (same shapes and semantics).
+def layer_gradients(grad_y: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None, x: Tensor,
+                    w_ih: Tensor, w_hh: Tensor, bias: Tensor | None, w_hr: Tensor | None, h0: Tensor, c0: Tensor,
+                    lengths: Tensor | None, *, reverse: bool, tbptt_chunk: int, clip_recurrent: float,
+                    clip_gates: float) -> LayerGradients:
+    """The gradient ``fastlstm::layer_backward`` computes, as a differentiable function of every argument.
 
-    tbptt_chunk, clip_recurrent, clip_gates: 0 disables (the kernels' ``BackwardOptions``). The
-    forward values do not depend on them; autograd's gradient of the result equals the kernels'.
+    Shapes as ``fastlstm.ops.lstm_layer``; grad_y (T, B, K), grad_h_n (B, K), grad_c_n (B, H), None
+    for zero. tbptt_chunk, clip_recurrent, clip_gates: 0 disables.
     """
     T, B = x.shape[0], x.shape[1]
+    n = lengths.view(B, 1) if lengths is not None else torch.full((B, 1), T, dtype=torch.int64, device=x.device)
+    steps = _forward(x, w_ih, w_hh, bias, w_hr, h0, c0, n, reverse)
+    carry_h = grad_h_n if grad_h_n is not None else h0.new_zeros(h0.shape)
+    carry_c = grad_c_n if grad_c_n is not None else c0.new_zeros(c0.shape)
+    dgates: list[Tensor | None] = [None] * T
+    squares: list[list[Tensor | None]] = [[None] * T, [None] * T]  # (h, c) per time
+    dw_hr = None
+    for p in range(T - 1, -1, -1):
+        st = steps[p]
+        dr = carry_h + grad_y[st.t] if grad_y is not None else carry_h
+        dr = torch.where(st.live, dr, torch.zeros_like(dr))
+        if w_hr is not None:
+            part = dr.t() @ st.h
+            dw_hr = part if dw_hr is None else dw_hr + part
+            dh = dr @ w_hr
+        else:
+            dh = dr
+        tc = torch.tanh(st.c)
+        dc = carry_c + dh * st.o * (1 - tc * tc)
+        dg = torch.cat([dc * st.g * st.i * (1 - st.i), dc * st.c_prev * st.f * (1 - st.f), dc * st.i * (1 - st.g * st.g),
+                        dh * tc * st.o * (1 - st.o)], dim=1)
+        if clip_gates > 0:
+            dg = dg.clamp(-clip_gates, clip_gates)
+        dg = torch.where(st.live, dg, torch.zeros_like(dg))
+        dgates[st.t] = dg
+        dc_live = torch.where(st.live, dc, torch.zeros_like(dc))
+        squares[0][st.t], squares[1][st.t] = dh.detach().square().sum(), dc_live.detach().square().sum()
+        # The carries sent back through the state read by position p; padded rows pass theirs through.
+        carry_h = torch.where(st.live, dg @ w_hh, carry_h)
+        carry_c = torch.where(st.live, dc * st.f, carry_c)
+        cut, clamp = _carry_rule(p, st.t, reverse, n, tbptt_chunk, clip_recurrent)
+        carry_h, carry_c = (_receive(carry, cut, clamp, clip_recurrent) for carry in (carry_h, carry_c))
+    dG = torch.stack(dgates)  # (T, B, 4H), indexed by time
+    r_prev = torch.stack([steps[p].r_prev for p in _positions_by_time(T, reverse)])
+    dx = dG @ w_ih
+    dw_ih = dG.flatten(0, 1).t() @ x.flatten(0, 1)
+    dw_hh = dG.flatten(0, 1).t() @ r_prev.flatten(0, 1)
+    dbias = dG.sum((0, 1)) if bias is not None else None
+    norms = torch.stack([torch.stack(row) for row in squares]).sqrt()
+    return LayerGradients(dx, dw_ih, dw_hh, dbias, dw_hr, carry_h, carry_c, norms)
+
+
+def _forward(x, w_ih, w_hh, bias, w_hr, h0, c0, n, reverse) -> list[_Step]:
+    """The layer's forward, one _Step per processing position (gate order i, f, g, o as torch)."""
+    T = x.shape[0]
     pre_x = x @ w_ih.t()
     if bias is not None:
         pre_x = pre_x + bias
-    times = range(T - 1, -1, -1) if reverse else range(T)
-    n = lengths.view(B, 1) if lengths is not None else torch.full((B, 1), T, dtype=torch.int64, device=x.device)
     r, c = h0, c0
-    y: list[Tensor | None] = [None] * T
-    h_cells: list[Tensor | None] = [None] * T
-    c_cells: list[Tensor | None] = [None] * T
-    for p, t in enumerate(times):
+    steps = []
+    for p in range(T):
+        t = T - 1 - p if reverse else p
         live = t < n
-        cut, clamp = _carry_rule(p, t, reverse, n, tbptt_chunk, clip_recurrent)
-        r = _ReceiveCarry.apply(r, cut, clamp, clip_recurrent)
-        c = _ReceiveCarry.apply(c, cut, clamp, clip_recurrent)
-        gates = pre_x[t] + r @ w_hh.t()
-        if clip_gates > 0:
-            gates = _ClipGateGrad.apply(gates, clip_gates)
-        i, f, g, o = gates.chunk(4, dim=1)
-        c_cell = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h_cell = torch.sigmoid(o) * torch.tanh(c_cell)
-        out = h_cell @ w_hr.t() if w_hr is not None else h_cell
-        y[t] = torch.where(live, out, torch.zeros_like(out))
+        gi, gf, gg, go = (pre_x[t] + r @ w_hh.t()).chunk(4, dim=1)
+        i, f, g, o = torch.sigmoid(gi), torch.sigmoid(gf), torch.tanh(gg), torch.sigmoid(go)
+        c_cell = f * c + i * g
+        h = o * torch.tanh(c_cell)
+        out = h @ w_hr.t() if w_hr is not None else h
+        steps.append(_Step(t, live, i, f, g, o, c_cell, c, r, h))
         r = torch.where(live, out, r)
         c = torch.where(live, c_cell, c)
-        h_cells[t], c_cells[t] = h_cell, c_cell
-    return LayerTrace(torch.stack(y), r, c, h_cells, c_cells)
+    return steps
+
+
+def _positions_by_time(T: int, reverse: bool) -> range:
+    return range(T - 1, -1, -1) if reverse else range(T)
+
+
+def _receive(carry: Tensor, cut: Tensor, clamp: Tensor, clip: float) -> Tensor:
+    if clip > 0:
+        carry = torch.where(clamp, carry.clamp(-clip, clip), carry)
+    return torch.where(cut, torch.zeros_like(carry), carry)
 
 
 def _carry_rule(p: int, t: int, reverse: bool, n: Tensor, tbptt_chunk: int, clip: float) -> tuple[Tensor, Tensor]:

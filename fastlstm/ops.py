@@ -95,36 +95,21 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
 def _composite_backward(ctx, grad_y, grad_h_n, grad_c_n):
     """The backward as a differentiable function of the layer's inputs and of the incoming gradients.
 
-    Recomputes the layer with ATen ops (fastlstm.composite), whose autograd gradient has the
-    kernels' truncation and clipping, and differentiates it with ``create_graph=True``. Same
-    first-order values as the kernels up to rounding; the norms (when recorded) are taken from
-    this first-order gradient and carry no graph.
+    fastlstm.composite runs the kernels' backward recurrence (truncation, clipping, padding,
+    projection) with ATen ops. Same first-order values as the kernels up to rounding; the norms
+    (when recorded) are those of this first-order gradient and carry no graph.
     """
     x, w_ih, w_hh, bias, w_hr, h0, c0, lengths = ctx.saved_tensors[:8]
     reverse, _, tbptt_chunk, grad_clip, grad_clip_mode = ctx.options
     acc = _acc_dtype(x.dtype)
     inputs = (x, w_ih, w_hh, bias, w_hr, h0, c0)
-    needed = ctx.needs_input_grad[:7]
-    # Inputs outside the outer graph join as fresh leaves, so the recomputation is tracked even
-    # when only the norms are wanted (they are gradients with respect to intermediate values).
-    leaves = [t if t is None or t.requires_grad else t.detach().requires_grad_() for t in inputs]
-    trace = composite.lstm_layer(
-        *(t if t is None else t.to(acc) for t in leaves), lengths, reverse=reverse, tbptt_chunk=tbptt_chunk,
+    grads = composite.layer_gradients(
+        *(g if g is None else g.to(acc) for g in (grad_y, grad_h_n, grad_c_n)),
+        *(t if t is None else t.to(acc) for t in inputs), lengths, reverse=reverse, tbptt_chunk=tbptt_chunk,
         clip_recurrent=grad_clip if grad_clip_mode == "recurrent" else 0.0,
         clip_gates=grad_clip if grad_clip_mode == "gates" else 0.0)
-    pairs = [(out, g.to(acc)) for out, g in zip(trace[:3], (grad_y, grad_h_n, grad_c_n)) if g is not None]
-    wrt = [t for t, need in zip(leaves, needed) if need]
-    cells = trace.h_cells + trace.c_cells if ctx.record_norms else []
-    grads = torch.autograd.grad([o for o, _ in pairs], wrt + cells, [g for _, g in pairs], create_graph=True,
-                                allow_unused=True, materialize_grads=True)
-    input_grads = iter(grads[:len(wrt)])
-    result = [next(input_grads).to(t.dtype) if need else None for t, need in zip(inputs, needed)]
-    norms = None
-    if ctx.record_norms:
-        T = x.shape[0]
-        squares = torch.stack([g.detach().square().sum() for g in grads[len(wrt):]])
-        norms = squares.view(2, T).sqrt()
-    return (*result, None, norms, None, None, None, None, None, None)
+    result = [g.to(t.dtype) if need else None for g, t, need in zip(grads[:7], inputs, ctx.needs_input_grad)]
+    return (*result, None, grads.norms if ctx.record_norms else None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("fastlstm::layer_forward", _backward, setup_context=_setup_context)
