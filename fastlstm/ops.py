@@ -139,7 +139,9 @@ def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None, w_hr:
     direction starts each row at its own last element. Every length must lie in [1, T]: checked
     on the CPU, not on CUDA (the check would synchronise with the host on every call), where
     lengths outside that range give meaningless results. ``norm_probe`` (2, T), when given,
-    receives the per-step gradient norms of h and c as its gradient.
+    receives the per-step gradient norms of h and c as its gradient. A backward with
+    ``create_graph=True`` computes the gradient with fastlstm.composite, so it is differentiable
+    (second order: see that module).
     """
     checkpoint_every = options.checkpoint_every
     if not _needs_grad(x, w_ih, w_hh, bias, w_hr, h0, c0, norm_probe):

@@ -86,9 +86,10 @@ def test_gradgradcheck_every_flag_combination(flags):
     assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
 
 
-# The options change what the first-order gradient is; its derivative must follow. One layer: with
-# several, the second order through a lower layer's output takes that layer's truncated/clipped
-# backward as its derivative (README, "Second-order gradients"), which finite differences do not.
+# The options change what the first-order gradient is; its derivative must follow. One layer, and
+# gradgradcheck's incoming gradients independent of the outputs: a second-order term through a
+# layer's output uses the truncated/clipped backward, which finite differences do not (README,
+# "Second-order gradients").
 # A case with every feature (packed: per-row steps in the reverse direction; projection: the
 # carry through r).
 OPTIONS = [
