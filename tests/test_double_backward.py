@@ -215,3 +215,16 @@ def test_the_warning_filter_catches_a_backward_through_the_bare_kernel():
                                               False, True, "auto")
     with pytest.warns(UserWarning, match="autograd kernel was not registered"):
         grads[1].sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_order_under_create_graph_in_lower_precision(dtype):
+    """The composite path runs in float32 for the half types; its gradient keeps each input's dtype."""
+    model = fastlstm.LSTM(3, 4, 2, bidirectional=True, proj_size=2, dtype=dtype, grad_clip=0.1)
+    x = torch.randn(5, 2, 3, dtype=F64).to(dtype).requires_grad_()
+    wrt = [x, *model.parameters()]
+    expected = torch.autograd.grad(model(x)[0].double().square().sum(), wrt)
+    actual = torch.autograd.grad(model(x)[0].double().square().sum(), wrt, create_graph=True)
+    for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert a.dtype == dtype and a.requires_grad
+        assert_close(a.detach(), e, dtype, f"gradient {index}")
