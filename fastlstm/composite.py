@@ -44,7 +44,7 @@ class LayerGradients(NamedTuple):
 
 
 class _Step(NamedTuple):
-    """What the forward of one step keeps for the backward (rows of a padded step are masked)."""
+    """What the forward of one step keeps for the backward; ``live`` marks the rows holding a real element."""
 
     t: int
     live: Tensor  # (B, 1) bool
@@ -133,6 +133,7 @@ def _forward(x, w_ih, w_hh, bias, w_hr, h0, c0, n, reverse) -> list[_Step]:
 
 
 def _positions_by_time(T: int, reverse: bool) -> range:
+    """The processing position of each time 0 .. T-1."""
     return range(T - 1, -1, -1) if reverse else range(T)
 
 
