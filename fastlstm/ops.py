@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _extension  # noqa: F401  (loads the library)
+from . import composite
 
 _layer_forward = torch.ops.fastlstm.layer_forward.default
 _layer_backward = torch.ops.fastlstm.layer_backward.default
@@ -77,6 +78,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
+    if torch.is_grad_enabled():
+        # create_graph=True: the kernels' gradient would have no derivative.
+        return _composite_backward(ctx, grad_y, grad_h_n, grad_c_n)
     x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, y, saved_gates, saved_c, saved_r = ctx.saved_tensors
     reverse, checkpoint_every, tbptt_chunk, grad_clip, grad_clip_mode = ctx.options
     dx, dw_ih, dw_hh, dbias, dw_hr, dh0, dc0, norms = _layer_backward(
@@ -86,6 +90,26 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
     return (dx if ctx.needs_input_grad[0] else None, dw_ih, dw_hh, dbias if bias is not None else None,
             dw_hr if w_hr is not None else None, dh0, dc0, None, norms if ctx.record_norms else None,
             None, None, None, None, None, None)
+
+
+def _composite_backward(ctx, grad_y, grad_h_n, grad_c_n):
+    """The backward as a differentiable function of the layer's inputs and of the incoming gradients.
+
+    fastlstm.composite runs the kernels' backward recurrence (truncation, clipping, padding,
+    projection) with ATen ops. Same first-order values as the kernels up to rounding; the norms
+    (when recorded) are those of this first-order gradient and carry no graph.
+    """
+    x, w_ih, w_hh, bias, w_hr, h0, c0, lengths = ctx.saved_tensors[:8]
+    reverse, _, tbptt_chunk, grad_clip, grad_clip_mode = ctx.options
+    acc = _acc_dtype(x.dtype)
+    inputs = (x, w_ih, w_hh, bias, w_hr, h0, c0)
+    grads = composite.layer_gradients(
+        *(g if g is None else g.to(acc) for g in (grad_y, grad_h_n, grad_c_n)),
+        *(t if t is None else t.to(acc) for t in inputs), lengths, reverse=reverse, tbptt_chunk=tbptt_chunk,
+        clip_recurrent=grad_clip if grad_clip_mode == "recurrent" else 0.0,
+        clip_gates=grad_clip if grad_clip_mode == "gates" else 0.0)
+    result = [g.to(t.dtype) if need else None for g, t, need in zip(grads[:7], inputs, ctx.needs_input_grad)]
+    return (*result, None, grads.norms if ctx.record_norms else None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("fastlstm::layer_forward", _backward, setup_context=_setup_context)
@@ -115,7 +139,9 @@ def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None, w_hr:
     direction starts each row at its own last element. Every length must lie in [1, T]: checked
     on the CPU, not on CUDA (the check would synchronise with the host on every call), where
     lengths outside that range give meaningless results. ``norm_probe`` (2, T), when given,
-    receives the per-step gradient norms of h and c as its gradient.
+    receives the per-step gradient norms of h and c as its gradient. A backward with
+    ``create_graph=True`` computes the gradient with fastlstm.composite, so it is differentiable
+    (second order: see that module).
     """
     checkpoint_every = options.checkpoint_every
     if not _needs_grad(x, w_ih, w_hh, bias, w_hr, h0, c0, norm_probe):

@@ -43,6 +43,13 @@ class KernelOptions:
     checkpoint_every: k, or None. Save the state only every k steps and recompute the gates of
         each chunk during the backward: activation memory O(T/k + k) instead of O(T), same
         results.
+
+    Under a backward with ``create_graph=True`` the gradient is computed by fastlstm.composite
+    (differentiable; same first-order values). Its derivative: a truncated carry is the constant
+    0, a clamped element has derivative 1 inside [-c, c] (bounds included) and 0 where clipped,
+    the forward states stay attached. A second-order term through a layer's output (a loss
+    nonlinear in it, the layer above) uses the truncated/clipped backward instead of the exact
+    derivative (README, "Second-order gradients").
     """
 
     backend: str = "auto"
