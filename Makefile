@@ -9,9 +9,17 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-install: $(BIN)/python
+# What the build reads: `make install` reinstalls only when one of them is newer than the last
+# install, and setup.py keeps ninja's build directory (build/), so only the changed files recompile.
+BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f)
+INSTALLED := $(VENV)/.fastlstm-installed
+
+install: $(INSTALLED)
+
+$(INSTALLED): $(BIN)/python $(BUILD_INPUTS)
 	$(BIN)/pip install -q "torch>=2.11" numpy pybind11 ninja pytest tqdm matplotlib "setuptools>=64" wheel
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $@
 
 test: install
 	$(BIN)/python -m pytest -q tests

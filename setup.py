@@ -5,8 +5,10 @@ compiled), otherwise a CppExtension. Environment knobs:
 
 * ``TORCH_CUDA_ARCH_LIST``   CUDA targets, honoured as torch does (CI builds ``9.0``).
 * ``FASTLSTM_FORCE_CPU=1``   build the CPU kernels only, even where CUDA is available.
-* ``FASTLSTM_CPU_SIMD``      ``avx512``, ``avx2`` or ``default``; by default the widest this machine
-  has (the extension is built from source on the machine that runs it).
+* ``FASTLSTM_CPU_SIMD``      the widest SIMD level to compile the CPU kernels for: ``avx512``
+  (default on x86-64: default, AVX2 and AVX-512 variants), ``avx2`` or ``default`` (for a compiler
+  without AVX-512 support, or a faster build). The build machine's own CPU plays no part: the
+  level is chosen when the extension loads (csrc/cpu/cpu_capability.cpp).
 * ``FASTLSTM_PTXAS_VERBOSE=1`` print ptxas register/shared-memory reports.
 """
 
@@ -17,6 +19,7 @@ import os
 import platform
 import shutil
 import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -60,33 +63,62 @@ def _want_cuda() -> bool:
     return os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) or shutil.which("nvcc") is not None
 
 
-_SIMD_FLAGS = {
+# Flags of each SIMD level's compilation of the CPU kernels (csrc/cpu/kernels/), as ATen's.
+_LEVEL_FLAGS = {
+    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "avx2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
-    "avx2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-    "default": ["-DCPU_CAPABILITY=DEFAULT"],
 }
+_KERNEL_SOURCES = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "kernels", "*.cpp")))
 
 
-def _cpu_simd_flags() -> list[str]:
-    choice = os.environ.get("FASTLSTM_CPU_SIMD", "auto").lower()
-    if choice == "auto":
-        flags = set()
-        if platform.machine() in ("x86_64", "AMD64") and os.path.exists("/proc/cpuinfo"):
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("flags"):
-                        flags = set(line.split(":", 1)[1].split())
-                        break
-        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
-            choice = "avx512"
-        elif {"avx2", "fma"} <= flags:
-            choice = "avx2"
-        else:
-            choice = "default"
-    if choice not in _SIMD_FLAGS:
-        sys.exit(f"FASTLSTM_CPU_SIMD must be 'auto', 'avx512', 'avx2' or 'default', got {choice!r}")
-    return _SIMD_FLAGS[choice]
+def _compiled_levels() -> list[str]:
+    """The SIMD levels to compile the kernels for, narrowest first (the link order, see below)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["default"]
+    widest = os.environ.get("FASTLSTM_CPU_SIMD", "avx512").lower()
+    levels = list(_LEVEL_FLAGS)
+    if widest not in levels:
+        sys.exit(f"FASTLSTM_CPU_SIMD must be one of {', '.join(levels)}, got {widest!r}")
+    return levels[: levels.index(widest) + 1]
+
+
+def _level_macros() -> list[str]:
+    """Tell the dispatcher (csrc/cpu/kernel_table.h) which levels have kernels."""
+    return [f"-DFASTLSTM_CPU_{level.upper()}" for level in _compiled_levels() if level != "default"]
+
+
+class _BuildExtension(BuildExtension):
+    """torch's BuildExtension, plus the kernel sources compiled once per SIMD level.
+
+    Each level is a ninja build of its own in ``<build_temp>/cpu-<level>`` with that level's flags
+    (setuptools has no per-file flags); its objects are linked into the one extension. They come
+    after the other objects, narrowest level first: where two objects define the same inline
+    function, the linker keeps the first, so a wider level's copy never serves narrower code.
+    pip's editable build would compile in a fresh temporary directory every time; it builds in
+    the persistent build directory instead, so ninja recompiles only what changed.
+    """
+
+    def build_extensions(self) -> None:
+        if getattr(self, "editable_mode", False):
+            self.build_temp = os.path.join(ROOT, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+        super().build_extensions()
+
+    def build_extension(self, ext) -> None:
+        objects = []
+        for level in _compiled_levels():
+            objects += self.compiler.compile(
+                _KERNEL_SOURCES,
+                output_dir=os.path.join(self.build_temp, f"cpu-{level}"),
+                macros=ext.define_macros,
+                include_dirs=ext.include_dirs,
+                debug=self.debug,
+                extra_postargs={"cxx": ext.extra_compile_args["cxx"] + _LEVEL_FLAGS[level]},
+                depends=ext.depends,
+            )
+        ext.extra_objects = [o for o in ext.extra_objects if o not in objects] + objects
+        super().build_extension(ext)
 
 
 def _wheel_cuda_dirs() -> tuple[list[str], list[str]]:
@@ -124,8 +156,9 @@ def _openmp_flags() -> list[str]:
 
 
 def _extension():
-    cxx = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"] + _cpu_simd_flags() + _openmp_flags()
-    sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp"), os.path.join(ROOT, "csrc", "op_schemas.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    cxx = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"] + _level_macros() + _openmp_flags()
+    sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp"), os.path.join(ROOT, "csrc", "op_schemas.cpp")]
+                   + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not _want_cuda():
         return CppExtension("fastlstm._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
@@ -151,5 +184,5 @@ def _extension():
 
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExtension.with_options(use_ninja=True)},
 )

@@ -10,9 +10,12 @@ Presets (default: the full grid of the device):
                CPU: T=1000 B in {1,16} H=128, and T=200 B=16 H=256, fp32 (sized for under 2 minutes on 2 cores).
   --cpu-table  CPU (default device): fp32, T=1000 I=H=128 B in {1,16,64}; T=1000 B=16 H=256;
                T=4000 B=4 H=64; forward, forward+backward, and forward+backward with the input
-               requiring grad; 10 repeats by default.
+               requiring grad; 10 repeats by default. Plus ragged batches (B=16 I=H=128, T in
+               {250,500,1000}, lengths drawn in [T/2, T], PackedSequence with enforce_sorted=False,
+               loss on h_n and c_n), 3 repeats.
   --T/--B/--H/--I/--dtype   a custom grid (the product of the values given; unspecified axes
-               default to T=1000, B=16, H=128 on CPU / 256 on CUDA, I=H, float32).
+               default to T=1000, B=16, H=128 on CPU / 256 on CUDA, I=H, float32); --packed makes
+               its batches ragged, as the --cpu-table's packed rows.
 
 Writes <device>-<date>-<preset>.json, .md and .png under benchmarks/results/ (or --out) and prints
 the markdown to stdout (progress goes to stderr). Configurations whose estimated memory exceeds what
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -77,6 +81,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--I", type=_positive, nargs="+", help="input sizes (custom grid; default I = H)")
     parser.add_argument("--dtype", nargs="+", choices=sorted(configs.DTYPES), metavar="DTYPE",
                         help=f"dtypes (custom grid): {', '.join(sorted(configs.DTYPES))}")
+    parser.add_argument("--packed", action="store_true",
+                        help="custom grid of ragged batches: lengths drawn in [T/2, T], PackedSequence "
+                             "(enforce_sorted=False), loss on h_n and c_n")
     parser.add_argument("--layers", type=_positive, default=1, help="number of layers (default 1)")
     parser.add_argument("--bidirectional", action="store_true", help="bidirectional LSTMs")
     parser.add_argument("--input-grad", action="store_true",
@@ -92,9 +99,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, input and g (default 0)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results directory (default {RESULTS_DIR})")
     args = parser.parse_args(argv)
-    args.custom = any(v is not None for v in (args.T, args.B, args.H, args.I, args.dtype))
+    args.custom = args.packed or any(v is not None for v in (args.T, args.B, args.H, args.I, args.dtype))
     if args.custom and (args.quick or args.cpu_table):
-        parser.error("--T/--B/--H/--I/--dtype define a custom grid: do not combine them with --quick or --cpu-table")
+        parser.error("--T/--B/--H/--I/--dtype/--packed define a custom grid: do not combine them with --quick or "
+                     "--cpu-table")
     return args
 
 
@@ -124,6 +132,8 @@ def choose_preset(args: argparse.Namespace, device: torch.device) -> Preset:
         # Deduplicated by dtype, not by name: --dtype fp32 float32 is one dtype.
         dtypes = list(dict.fromkeys(configs.DTYPES[d] for d in args.dtype or ["float32"]))
         grid = configs.grid(args.T or [1000], args.B or [16], args.H or [256 if cuda else 128], dtypes, args.I)
+        if args.packed:
+            grid = [replace(c, packed=True, label=configs.PACKED_LABEL) for c in grid]
     elif args.cpu_table:
         # The README's table: more repeats than the CPU default, for steadier medians on a noisy machine.
         name, grid, phases, repeats = "cpu-table", configs.cpu_table(), (FWD, FWD_BWD, FWD_BWD_DX), 10
@@ -141,19 +151,21 @@ def _max_abs_diff(y: torch.Tensor, expected: torch.Tensor, chunk: int = 256) -> 
 
 
 def check_outputs(reference: contenders.Contender, others: Sequence[contenders.Contender],
-                  x: torch.Tensor) -> dict[str, float]:
-    """Largest |y - y_torch| of each implementation's inference forward (a failure marks it as errored)."""
+                  x: torch.Tensor, lengths: torch.Tensor | None) -> dict[str, float]:
+    """Largest |output - torch's| of each implementation's inference forward, over the outputs the
+    loss weights (a failure marks it as errored)."""
     differences = {}
     for contender in [reference, *others]:
         contender.set_training(False)
     with torch.no_grad():
         assert reference.forward is not None
-        expected = reference.forward(x)
+        expected = reference.forward(x, lengths)
         for contender in others:
             if not contender.runnable:
                 continue
             try:
-                differences[contender.name] = _max_abs_diff(contender.forward(x), expected)
+                differences[contender.name] = max(_max_abs_diff(out, ref)
+                                                  for out, ref in zip(contender.forward(x, lengths), expected))
             except Exception as error:  # noqa: BLE001 - reported in the row
                 contender.error = describe_error(error)
     return differences
@@ -197,11 +209,16 @@ def run_config(config: Config, phases: Sequence[str], timer: DeviceTimer, settin
     torch.manual_seed(settings["seed"])
     reference = contenders.torch_reference(config, device)
     x = torch.randn(config.T, config.B, config.I, device=device, dtype=config.dtype)
-    g = torch.randn(config.T, config.B, config.directions * config.H, device=device, dtype=config.dtype)
+    lengths = configs.packed_lengths(config, torch.Generator().manual_seed(settings["seed"])) if config.packed else None
+    # The loss weights: y's, or h_n's and c_n's for a ragged batch.
+    weight_shapes = ([(config.layers * config.directions, config.B, config.H)] * 2 if config.packed
+                     else [(config.T, config.B, config.directions * config.H)])
+    g = tuple(torch.randn(shape, device=device, dtype=config.dtype) for shape in weight_shapes)
     ref = contenders.torch_contender(reference, device)
     others = contenders.fastlstm_contenders(reference, x) + contenders.other_contenders(reference, config, device,
                                                                                          libraries)
-    differences = check_outputs(ref, others, x) if FWD not in skip else {}
+    differences = check_outputs(ref, others, x, lengths) if FWD not in skip else {}
+    repeats = min(settings["repeats"], config.repeats or settings["repeats"])
     results: dict[str, dict[str, Measurement]] = {}
     for phase in phases:
         if phase in skip:
@@ -210,8 +227,8 @@ def run_config(config: Config, phases: Sequence[str], timer: DeviceTimer, settin
         runnable = [ref] + [c for c in others if c.runnable]
         for contender in runnable:
             contender.set_training(phase != FWD)
-        results[phase] = measure(timer, [c.case(phase, x, g) for c in runnable], settings["warmup"],
-                                 settings["repeats"])
+        results[phase] = measure(timer, [c.case(phase, x, g, lengths) for c in runnable], settings["warmup"],
+                                 repeats)
         print(f"  {phase:<10} {_summary(results[phase], ref.name)}", file=sys.stderr)
 
     rows = []

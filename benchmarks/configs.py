@@ -38,6 +38,8 @@ class Config:
     layers: int = 1
     bidirectional: bool = False
     label: str = ""  # why this point is in the grid, when it is a named reference point
+    packed: bool = False  # a ragged batch: see packed_lengths; the loss is on h_n and c_n
+    repeats: int | None = None  # caps the preset's repeat count (for configurations with long calls)
 
     @property
     def directions(self) -> int:
@@ -53,7 +55,7 @@ class Config:
 
     def __str__(self) -> str:
         text = (f"T={self.T} B={self.B} I={self.I} H={self.H} {dtype_name(self.dtype)} "
-                f"layers={self.layers} {self.direction}")
+                f"layers={self.layers} {self.direction}" + (" packed" if self.packed else ""))
         return f"{text} ({self.label})" if self.label else text
 
 
@@ -103,10 +105,29 @@ def cpu_quick() -> list[Config]:
     return grid([1000], [1, 16], [128], [torch.float32]) + grid([200], [16], [256], [torch.float32])
 
 
+PACKED_LABEL = "PackedSequence, lengths in [T/2, T], loss on h_n and c_n"
+
+
+def packed_lengths(config: Config, generator: torch.Generator) -> torch.Tensor:
+    """The B sequence lengths of a ragged batch, drawn uniformly in [T/2, T] (int64, CPU)."""
+    return torch.randint(config.T // 2, config.T + 1, (config.B,), generator=generator)
+
+
+def cpu_packed() -> list[Config]:
+    """Ragged batches, packed with enforce_sorted=False: B=16 I=H=128 float32, T in {250, 500, 1000}.
+
+    torch.nn.LSTM's packed forward+backward time grows faster than linearly in T (README), so the
+    rows show the scaling in T; 3 repeats keep them short.
+    """
+    return [Config(T=t, B=16, I=128, H=128, dtype=torch.float32, label=PACKED_LABEL, packed=True, repeats=3)
+            for t in (250, 500, 1000)]
+
+
 def cpu_table() -> list[Config]:
-    """The README's CPU table: float32, T=1000 I=H=128 B in {1, 16, 64}; T=1000 B=16 H=256; T=4000 B=4 H=64."""
+    """The README's CPU table: float32, T=1000 I=H=128 B in {1, 16, 64}; T=1000 B=16 H=256; T=4000 B=4 H=64;
+    and the ragged batches of cpu_packed."""
     return (grid([1000], [1, 16, 64], [128], [torch.float32]) + grid([1000], [16], [256], [torch.float32])
-            + grid([4000], [4], [64], [torch.float32]))
+            + grid([4000], [4], [64], [torch.float32]) + cpu_packed())
 
 
 def with_layers(configs: Iterable[Config], layers: int, bidirectional: bool) -> tuple[Config, ...]:

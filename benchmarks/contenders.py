@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastlstm
 from fastlstm import dispatch
@@ -23,13 +24,18 @@ from timing import Case, describe_error
 TORCH = "torch.nn.LSTM"
 
 
+# forward(x, lengths) -> the outputs the loss weights: (y,) of shape (T, B, D*H) for a padded batch
+# (lengths None); (h_n, c_n), each (layers*D, B, H), for a ragged one (x packed with these lengths).
+Forward = Callable[[Tensor, "Tensor | None"], tuple[Tensor, ...]]
+
+
 @dataclass
 class Contender:
-    """One implementation: ``forward(x)`` returns the output sequence y of shape (T, B, D*H)."""
+    """One implementation and how to call it (see ``Forward``)."""
 
     impl: str
     backend: str
-    forward: Callable[[Tensor], Tensor] | None
+    forward: Forward | None
     parameters: list[Tensor] = field(default_factory=list)
     modules: list[nn.Module] = field(default_factory=list)
     plan: str = ""
@@ -49,14 +55,15 @@ class Contender:
         for module in self.modules:
             module.train(training)
 
-    def case(self, phase: str, x: Tensor, g: Tensor) -> Case:
-        """The timed call of ``phase``: inference forward, or forward + backward of (y * g).sum()."""
+    def case(self, phase: str, x: Tensor, g: tuple[Tensor, ...], lengths: Tensor | None = None) -> Case:
+        """The timed call of ``phase``: inference forward, or forward + backward of the sum of
+        (output * weight).sum() over the outputs of ``forward`` and the weights ``g``."""
         forward = self.forward
         assert forward is not None
         if phase == FWD:
             def run_forward() -> None:
                 with torch.no_grad():
-                    forward(x)
+                    forward(x, lengths)
             return Case(self.name, run_forward, lambda: None)
 
         leaf = x.detach().requires_grad_(phase == FWD_BWD_DX)
@@ -68,12 +75,19 @@ class Contender:
                 p.grad = None
 
         def run_training() -> None:
-            (forward(leaf) * g).sum().backward()
+            sum((out * weight).sum() for out, weight in zip(forward(leaf, lengths), g)).backward()
         return Case(self.name, run_training, prepare)
 
 
 def _module_contender(impl: str, backend: str, module: nn.Module, plan: str = "") -> Contender:
-    return Contender(impl, backend, lambda x: module(x)[0], list(module.parameters()), [module], plan)
+    def forward(x: Tensor, lengths: Tensor | None) -> tuple[Tensor, ...]:
+        if lengths is None:
+            return (module(x)[0],)
+        # Packing is inside the timed call, on both sides alike.
+        _, (h_n, c_n) = module(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        return h_n, c_n
+
+    return Contender(impl, backend, forward, list(module.parameters()), [module], plan)
 
 
 def torch_reference(config: Config, device: torch.device) -> nn.LSTM:
@@ -144,12 +158,13 @@ def _flashrnn(reference: nn.LSTM, config: Config) -> Contender:
     b_hh = nn.Parameter(reference.bias_hh_l0.detach().clone())
     kernel_dtype = dtype_name(config.dtype)
 
-    def forward(x: Tensor) -> Tensor:
+    def forward(x: Tensor, lengths: Tensor | None) -> tuple[Tensor, ...]:
+        assert lengths is None, "other_contenders skips ragged batches"
         T, B, _ = x.shape
         wx = F.linear(x, w_ih).view(T, B, 4, 1, H).transpose(0, 1)
         states, _ = library.flashrnn(wx, r, (b_ih + b_hh).view(4, 1, H), function="lstm",
                                      backend="cuda_fused", dtype=kernel_dtype)
-        return states[0].transpose(0, 1).reshape(T, B, H)  # states: (state, B, T, heads, H); state 0 is h
+        return (states[0].transpose(0, 1).reshape(T, B, H),)  # states: (state, B, T, heads, H); state 0 is h
 
     return Contender("flashrnn", "cuda_fused", forward, [w_ih, r, b_ih, b_hh])
 
@@ -168,6 +183,8 @@ def other_contenders(reference: nn.LSTM, config: Config, device: torch.device,
             contenders.append(Contender(name, "-", None, skipped="CUDA-only library"))
         elif config.layers != 1 or config.bidirectional:
             contenders.append(Contender(name, "-", None, skipped="benchmarked for 1 layer, unidirectional only"))
+        elif config.packed:
+            contenders.append(Contender(name, "-", None, skipped="no PackedSequence input"))
         else:
             try:
                 contenders.append(_BUILDERS[name](reference, config))

@@ -41,5 +41,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("empty_cache", &fastlstm::cpu::release_cached_buffers, "Free the idle host buffers fastlstm keeps for reuse");
   m.def("cached_bytes", &fastlstm::cpu::cached_bytes, "Bytes of idle host buffers fastlstm keeps for reuse");
   m.def("persistent_support", &persistent_support, "Whether the persistent CUDA kernels can run a layer, and why");
-  m.def("cpu_capability", &fastlstm::cpu_capability, "The SIMD level the CPU kernels were built for");
+  m.def("cpu_capability", &fastlstm::cpu_capability, "The SIMD level the CPU kernels run at (see ATEN_CPU_CAPABILITY)");
 }

@@ -39,5 +39,10 @@ def cached_bytes() -> int:
 
 
 def cpu_capability() -> str:
-    """The SIMD level the CPU kernels were compiled for ('AVX512', 'AVX2' or 'DEFAULT')."""
+    """The SIMD level the CPU kernels run at in this process: 'AVX512', 'AVX2' or 'DEFAULT'.
+
+    The extension holds the kernels of every level; the widest one the running CPU supports is
+    chosen when first needed. ``ATEN_CPU_CAPABILITY=avx2`` (or ``default``), set before the first
+    CPU call, forces a lower level, as it does for torch's own CPU kernels.
+    """
     return str(_C.cpu_capability())

@@ -1,30 +1,61 @@
 // Small-M GEMM against a matrix packed once into column panels: the recurrent products of the
 // step loop (M = batch rows, a few to a few hundred) reuse the same W_hh for every step, so
 // packing it once and running a register-blocked kernel beats a BLAS call per step, which
-// re-packs W_hh and wakes its thread pool every time.
+// re-packs W_hh and wakes its thread pool every time. The kernel has one table per SIMD level
+// (kernels/packed_gemm_kernels.cpp); the panel width is the running level's.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 
+#include "kernel_table.h"
+
 namespace fastlstm::cpu {
+
+template <class T>
+struct GemmKernels {
+  int64_t (*panel_width)();
+  // dst (panels, rows, panel width), zeroed, <- the (rows x cols) matrix whose element (r, c) is
+  // src[r * stride_row + c * stride_col].
+  void (*pack)(const T* src, int64_t rows, int64_t cols, int64_t stride_row, int64_t stride_col, T* dst);
+  // C[M, cols] (+)= A[M, rows] * the packed (rows x cols) matrix; A and C row-major.
+  void (*multiply)(int64_t M, const T* A, const T* packed, int64_t rows, int64_t cols, T* C, bool accumulate);
+};
+
+FASTLSTM_DECLARE_KERNEL_TABLES(GemmKernels, gemm_kernel_table)
+
+template <class T>
+const GemmKernels<T>& gemm_kernels() {
+  static const GemmKernels<T>& table = FASTLSTM_RUNNING_TABLE(GemmKernels<T>, gemm_kernel_table<T>);
+  return table;
+}
 
 template <class T>
 class PackedMatrix {
  public:
   PackedMatrix() = default;
   // Packs the (rows x cols) matrix whose element (r, c) is src[r * stride_row + c * stride_col].
-  PackedMatrix(const T* src, int64_t rows, int64_t cols, int64_t stride_row, int64_t stride_col);
+  PackedMatrix(const T* src, int64_t rows, int64_t cols, int64_t stride_row, int64_t stride_col)
+      : rows_(rows), cols_(cols) {
+    const int64_t width = gemm_kernels<T>().panel_width();
+    const int64_t panels = (cols + width - 1) / width;
+    storage_ = at::zeros({std::max<int64_t>(panels, 1), rows, width},
+                         at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    gemm_kernels<T>().pack(src, rows, cols, stride_row, stride_col, storage_.data_ptr<T>());
+  }
 
   // C[M, cols] (+)= A[M, rows] * this, A and C row-major with leading dimensions rows and cols.
-  void multiply(int64_t M, const T* A, T* C, bool accumulate) const;
+  void multiply(int64_t M, const T* A, T* C, bool accumulate) const {
+    gemm_kernels<T>().multiply(M, A, storage_.data_ptr<T>(), rows_, cols_, C, accumulate);
+  }
 
   bool empty() const { return !storage_.defined(); }
 
  private:
   at::Tensor storage_;  // (panels, rows, panel width), zero-padded past the last column
-  int64_t rows_ = 0, cols_ = 0, panels_ = 0;
+  int64_t rows_ = 0, cols_ = 0;
 };
 
 }  // namespace fastlstm::cpu

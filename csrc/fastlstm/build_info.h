@@ -1,7 +1,9 @@
-// What this build of the extension contains (exposed to Python for clear errors and reports).
+// What this build of the extension contains and runs (exposed to Python for clear errors and reports).
 #pragma once
 
 #include <string>
+
+#include "../cpu/cpu_capability.h"
 
 namespace fastlstm {
 
@@ -13,14 +15,8 @@ inline bool cuda_compiled() {
 #endif
 }
 
-inline std::string cpu_capability() {
-#if defined(CPU_CAPABILITY_AVX512)
-  return "AVX512";
-#elif defined(CPU_CAPABILITY_AVX2)
-  return "AVX2";
-#else
-  return "DEFAULT";
-#endif
-}
+// The SIMD level the CPU kernels run at in this process (chosen when first asked, see
+// csrc/cpu/cpu_capability.h).
+inline std::string cpu_capability() { return cpu::capability_name(cpu::capability()); }
 
 }  // namespace fastlstm

@@ -34,6 +34,9 @@ EMULATED_CUDA = sorted((CSRC / "cuda").glob("*.cu")) + [
     p for p in sorted((CSRC / "cuda").glob("*.cpp")) if p.name != "cublas_gemm.cpp"
 ]
 HOST = [CSRC / "op_schemas.cpp", HERE / "src" / "gemm_stand_in.cpp"] + sorted((CSRC / "cpu").glob("*.cpp"))
+# The CPU path's per-ISA kernels, at the default level only (the reference need not be fast).
+HOST_KERNELS = sorted((CSRC / "cpu" / "kernels").glob("*.cpp"))
+KERNEL_LEVEL = ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
 
 
 @dataclass
@@ -109,6 +112,7 @@ def build(variant: Variant, jobs: int) -> dict[str, Path]:
     units = [(s, out / variant.name / f"{s.stem}{s.suffix.replace('.', '_')}.o", emu) for s in
              RUNTIME + EMULATED_CUDA + [HERE / "test_emulator.cu", HERE / "test_layers.cpp"]]
     units += [(s, out / PLAIN.name / f"host_{s.stem}.o", host) for s in HOST]
+    units += [(s, out / PLAIN.name / f"host_kernels_{s.stem}.o", host + KERNEL_LEVEL) for s in HOST_KERNELS]
     start = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         results = list(pool.map(lambda u: compile_one(*u), units))
@@ -123,7 +127,7 @@ def build(variant: Variant, jobs: int) -> dict[str, Path]:
     programs = {
         "emulator_tests": [objs["runtime.cpp"], objs["test_emulator.cu"]],
         "layer_tests": [objs["runtime.cpp"], objs["test_layers.cpp"]]
-        + [objs[s.name] for s in EMULATED_CUDA + HOST],
+        + [objs[s.name] for s in EMULATED_CUDA + HOST + HOST_KERNELS],
     }
     paths = {}
     for name, members in programs.items():

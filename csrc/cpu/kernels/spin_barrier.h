@@ -12,7 +12,9 @@
 #include <immintrin.h>
 #endif
 
-namespace fastlstm::cpu {
+// In the level's namespace: inline functions compiled with that level's flags must not be
+// merged with another level's copy by the linker.
+namespace fastlstm::cpu::CPU_CAPABILITY {
 
 class SpinBarrier {
  public:
@@ -46,4 +48,4 @@ class SpinBarrier {
   std::atomic<int64_t> generation_{0};
 };
 
-}  // namespace fastlstm::cpu
+}  // namespace fastlstm::cpu::CPU_CAPABILITY

@@ -1,4 +1,5 @@
-// The fused CPU recurrence, the CPU counterpart of the persistent CUDA kernels.
+// The fused CPU recurrence (lstm_recurrence_cpu.h), the CPU counterpart of the persistent CUDA
+// kernels, compiled once per SIMD level.
 //
 // One at::parallel_for region runs every step of a chunk. The hidden units are cut into blocks
 // of one vector (L units) and each thread owns a contiguous run of blocks: all four gates of its
@@ -9,7 +10,7 @@
 //   backward  cell backward of own units -> dG_t; barrier; carry_h of own units
 //             += dG_t W_hh[:, own] (register tile of 4 rows x up to 4 unit blocks).
 // The semantics (padding, truncation, clipping, norms) are cell_math.h's, as in the stepwise path.
-#include "lstm_recurrence_cpu.h"
+#include "../lstm_recurrence_cpu.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -21,7 +22,7 @@
 #include "static_for.h"
 #include "vec_math.h"
 
-namespace fastlstm::cpu {
+namespace fastlstm::cpu::CPU_CAPABILITY {
 namespace {
 
 template <class T>
@@ -224,8 +225,6 @@ void backward_cell(const ChunkRecurrenceArgs<T, T>& a, int64_t ub, int64_t b, in
   }
 }
 
-}  // namespace
-
 template <class T>
 int64_t unit_blocks(int64_t H) {
   return (H + Blocking<T>::L - 1) / Blocking<T>::L;
@@ -326,15 +325,16 @@ void fused_backward(const ChunkRecurrenceArgs<T, T>& a, const T* p) {
   });
 }
 
-template int64_t unit_blocks<float>(int64_t);
-template int64_t unit_blocks<double>(int64_t);
-template at::Tensor pack_fused_forward<float>(const float*, int64_t);
-template at::Tensor pack_fused_forward<double>(const double*, int64_t);
-template at::Tensor pack_fused_backward<float>(const float*, int64_t);
-template at::Tensor pack_fused_backward<double>(const double*, int64_t);
-template void fused_forward<float>(const ChunkRecurrenceArgs<float, float>&, const float*);
-template void fused_forward<double>(const ChunkRecurrenceArgs<double, double>&, const double*);
-template void fused_backward<float>(const ChunkRecurrenceArgs<float, float>&, const float*);
-template void fused_backward<double>(const ChunkRecurrenceArgs<double, double>&, const double*);
+}  // namespace
 
-}  // namespace fastlstm::cpu
+template <class T>
+const RecurrenceKernels<T>& recurrence_kernel_table() {
+  static constexpr RecurrenceKernels<T> table{&unit_blocks<T>, &pack_fused_forward<T>, &pack_fused_backward<T>,
+                                              &fused_forward<T>, &fused_backward<T>};
+  return table;
+}
+
+template const RecurrenceKernels<float>& recurrence_kernel_table<float>();
+template const RecurrenceKernels<double>& recurrence_kernel_table<double>();
+
+}  // namespace fastlstm::cpu::CPU_CAPABILITY

@@ -5,7 +5,9 @@
 #include <type_traits>
 #include <utility>
 
-namespace fastlstm::cpu {
+// In the level's namespace: inline functions compiled with that level's flags must not be
+// merged with another level's copy by the linker.
+namespace fastlstm::cpu::CPU_CAPABILITY {
 
 template <int N, class F>
 inline void static_for(F&& f) {
@@ -14,4 +16,4 @@ inline void static_for(F&& f) {
   }(std::make_integer_sequence<int, N>{});
 }
 
-}  // namespace fastlstm::cpu
+}  // namespace fastlstm::cpu::CPU_CAPABILITY

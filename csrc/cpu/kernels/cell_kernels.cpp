@@ -1,6 +1,7 @@
-// The per-step pointwise kernels on the CPU: one pass over a row's gates, vectorised with
-// at::vec (SLEEF exp/tanh where the build enables AVX2), rows split across threads.
-#include "lstm_cell_cpu.h"
+// The per-step pointwise kernels on the CPU (lstm_cell_cpu.h), compiled once per SIMD level: one
+// pass over a row's gates, vectorised with at::vec (SLEEF exp/tanh from AVX2 up), rows split
+// across threads.
+#include "../lstm_cell_cpu.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -9,8 +10,7 @@
 
 #include "vec_math.h"
 
-namespace fastlstm {
-namespace cpu {
+namespace fastlstm::cpu::CPU_CAPABILITY {
 namespace {
 
 // Rows per task: enough elements that a thread's share outweighs the cost of waking it.
@@ -24,8 +24,6 @@ T lane_sum(const at::vec::Vectorized<T>& v) {
   for (T x : buf) s += x;
   return s;
 }
-
-}  // namespace
 
 template <class T>
 void cell_forward(const ForwardCellArgs<T, T>& a) {
@@ -149,14 +147,15 @@ void state_select(const StateSelectArgs<T>& a) {
   }
 }
 
-#define FASTLSTM_INSTANTIATE(T)                                   \
-  template void cell_forward<T>(const ForwardCellArgs<T, T>&);    \
-  template void cell_backward<T>(const BackwardCellArgs<T, T>&);  \
-  template void proj_backward<T>(const BackwardProjArgs<T, T>&);  \
-  template void state_select<T>(const StateSelectArgs<T>&);
-FASTLSTM_INSTANTIATE(float)
-FASTLSTM_INSTANTIATE(double)
-#undef FASTLSTM_INSTANTIATE
+}  // namespace
 
-}  // namespace cpu
-}  // namespace fastlstm
+template <class T>
+const CellKernels<T>& cell_kernel_table() {
+  static constexpr CellKernels<T> table{&cell_forward<T>, &cell_backward<T>, &proj_backward<T>, &state_select<T>};
+  return table;
+}
+
+template const CellKernels<float>& cell_kernel_table<float>();
+template const CellKernels<double>& cell_kernel_table<double>();
+
+}  // namespace fastlstm::cpu::CPU_CAPABILITY

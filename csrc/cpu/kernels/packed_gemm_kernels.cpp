@@ -1,6 +1,7 @@
-// Register-blocked kernel of PackedMatrix: a tile of kRows rows x kVecs vectors of columns is
-// accumulated in registers over the whole reduction, reading each packed weight once per tile.
-#include "packed_gemm_cpu.h"
+// Register-blocked kernel of PackedMatrix (packed_gemm_cpu.h), compiled once per SIMD level: a
+// tile of kRows rows x kVecs vectors of columns is accumulated in registers over the whole
+// reduction, reading each packed weight once per tile.
+#include "../packed_gemm_cpu.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -10,7 +11,7 @@
 
 #include "static_for.h"
 
-namespace fastlstm::cpu {
+namespace fastlstm::cpu::CPU_CAPABILITY {
 namespace {
 
 template <class T>
@@ -57,16 +58,16 @@ void tile(int64_t depth, const T* A, int64_t rows_valid, const T* panel, T* C, i
   });
 }
 
-}  // namespace
+template <class T>
+int64_t panel_width() {
+  return Tiling<T>::kWidth;
+}
 
 template <class T>
-PackedMatrix<T>::PackedMatrix(const T* src, int64_t rows, int64_t cols, int64_t stride_row, int64_t stride_col)
-    : rows_(rows), cols_(cols) {
+void pack(const T* src, int64_t rows, int64_t cols, int64_t stride_row, int64_t stride_col, T* dst) {
   constexpr int64_t W = Tiling<T>::kWidth;
-  panels_ = (cols + W - 1) / W;
-  storage_ = at::zeros({std::max<int64_t>(panels_, 1), rows, W}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-  T* dst = storage_.data_ptr<T>();
-  at::parallel_for(0, panels_, 1, [&](int64_t p0, int64_t p1) {
+  const int64_t panels = (cols + W - 1) / W;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       for (int64_t r = 0; r < rows; ++r) {
         T* out = dst + (p * rows + r) * W;
@@ -77,35 +78,43 @@ PackedMatrix<T>::PackedMatrix(const T* src, int64_t rows, int64_t cols, int64_t 
 }
 
 template <class T>
-void PackedMatrix<T>::multiply(int64_t M, const T* A, T* C, bool accumulate) const {
-  if (M == 0 || cols_ == 0) return;
-  if (rows_ == 0) {
-    if (!accumulate) std::fill(C, C + M * cols_, T(0));
+void multiply(int64_t M, const T* A, const T* packed, int64_t rows, int64_t cols, T* C, bool accumulate) {
+  if (M == 0 || cols == 0) return;
+  if (rows == 0) {
+    if (!accumulate) std::fill(C, C + M * cols, T(0));
     return;
   }
   using Tl = Tiling<T>;
+  const int64_t panels = (cols + Tl::kWidth - 1) / Tl::kWidth;
   // Tiles run in (row chunk, panel, row block) order: a panel stays in cache across the row
   // blocks of a chunk, and a chunk of A stays in cache across the panels.
   constexpr int64_t kChunkBlocks = 16;
   const int64_t row_blocks = (M + Tl::kRows - 1) / Tl::kRows;
   const int64_t chunks = (row_blocks + kChunkBlocks - 1) / kChunkBlocks;
-  const int64_t tiles = chunks * panels_ * kChunkBlocks;
+  const int64_t tiles = chunks * panels * kChunkBlocks;
   // Below ~100k multiply-adds the work is shorter than waking a second thread.
-  const int64_t grain = M * cols_ * rows_ < (1 << 17) ? tiles : 1;
-  const T* packed = storage_.data_ptr<T>();
+  const int64_t grain = M * cols * rows < (1 << 17) ? tiles : 1;
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t rb = (t / (panels_ * kChunkBlocks)) * kChunkBlocks + t % kChunkBlocks;
-      const int64_t p = (t / kChunkBlocks) % panels_;
+      const int64_t rb = (t / (panels * kChunkBlocks)) * kChunkBlocks + t % kChunkBlocks;
+      const int64_t p = (t / kChunkBlocks) % panels;
       if (rb >= row_blocks) continue;
       const int64_t row0 = rb * Tl::kRows, col0 = p * Tl::kWidth;
-      tile<T>(rows_, A + row0 * rows_, std::min<int64_t>(Tl::kRows, M - row0), packed + p * rows_ * Tl::kWidth,
-              C + row0 * cols_ + col0, cols_, std::min<int64_t>(Tl::kWidth, cols_ - col0), accumulate);
+      tile<T>(rows, A + row0 * rows, std::min<int64_t>(Tl::kRows, M - row0), packed + p * rows * Tl::kWidth,
+              C + row0 * cols + col0, cols, std::min<int64_t>(Tl::kWidth, cols - col0), accumulate);
     }
   });
 }
 
-template class PackedMatrix<float>;
-template class PackedMatrix<double>;
+}  // namespace
 
-}  // namespace fastlstm::cpu
+template <class T>
+const GemmKernels<T>& gemm_kernel_table() {
+  static constexpr GemmKernels<T> table{&panel_width<T>, &pack<T>, &multiply<T>};
+  return table;
+}
+
+template const GemmKernels<float>& gemm_kernel_table<float>();
+template const GemmKernels<double>& gemm_kernel_table<double>();
+
+}  // namespace fastlstm::cpu::CPU_CAPABILITY

@@ -9,7 +9,7 @@
 
 #include <ATen/cpu/vec/vec.h>
 
-#include "../fastlstm/cell_math.h"
+#include "../../fastlstm/cell_math.h"
 
 namespace fastlstm {
 

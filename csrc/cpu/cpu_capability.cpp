@@ -1,0 +1,69 @@
+// Choosing the kernels' SIMD level: what the CPU supports (cpuid, and the OS saving the wide
+// registers: __builtin_cpu_supports checks both), capped by the levels compiled and by
+// ATEN_CPU_CAPABILITY. Unlike ATen, a requested level the CPU lacks is lowered, not trusted.
+#include "cpu_capability.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
+namespace fastlstm::cpu {
+namespace {
+
+Capability supported_by_cpu() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  const bool fma = __builtin_cpu_supports("fma");
+  if (fma && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    return Capability::AVX512;
+  }
+  if (fma && __builtin_cpu_supports("avx2")) return Capability::AVX2;
+#endif
+  return Capability::DEFAULT;
+}
+
+// setup.py defines FASTLSTM_CPU_AVX2 / FASTLSTM_CPU_AVX512 for the levels it compiled.
+Capability compiled() {
+#if defined(FASTLSTM_CPU_AVX512)
+  return Capability::AVX512;
+#elif defined(FASTLSTM_CPU_AVX2)
+  return Capability::AVX2;
+#else
+  return Capability::DEFAULT;
+#endif
+}
+
+Capability requested() {
+  const char* value = std::getenv("ATEN_CPU_CAPABILITY");
+  if (value == nullptr || *value == '\0') return Capability::AVX512;
+  const std::string level(value);
+  if (level == "default") return Capability::DEFAULT;
+  if (level == "avx2") return Capability::AVX2;
+  if (level == "avx512") return Capability::AVX512;
+  TORCH_WARN("fastlstm: ignoring ATEN_CPU_CAPABILITY=", level, " (fastlstm's levels are default, avx2, avx512)");
+  return Capability::AVX512;
+}
+
+}  // namespace
+
+Capability capability() {
+  static const Capability level = std::min({supported_by_cpu(), compiled(), requested()});
+  return level;
+}
+
+const char* capability_name(Capability level) {
+  switch (level) {
+    case Capability::AVX512:
+      return "AVX512";
+    case Capability::AVX2:
+      return "AVX2";
+    case Capability::DEFAULT:
+      break;
+  }
+  return "DEFAULT";
+}
+
+}  // namespace fastlstm::cpu

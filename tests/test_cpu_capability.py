@@ -1,0 +1,80 @@
+"""The CPU kernels of every SIMD level in the one build: ATEN_CPU_CAPABILITY picks a lower one.
+
+The level is chosen once per process, so each level runs in a subprocess of its own, which
+compares fastlstm with a float64 nn.LSTM on shapes that exercise the vector tails (H and B not
+multiples of any vector width) through the fused recurrence, the stepwise projection path and
+both dtypes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+LEVELS = ["DEFAULT", "AVX2", "AVX512"]
+
+# Runs in the subprocess: prints {"capability": fastlstm's level, "torch": torch's level,
+# "errors": {case: (dtype, relative error)}}.
+_CHILD = r"""
+import json
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+import fastlstm
+
+def rel(a, e):
+    return ((a.double() - e.double()).abs().max() / e.double().abs().max().clamp_min(1e-6)).item()
+
+torch.manual_seed(0)
+errors = {}
+cases = {"fused": dict(num_layers=2, bidirectional=True), "projection": dict(proj_size=3)}
+for name, cfg in cases.items():
+    for dtype in (torch.float32, torch.float64):
+        ref = nn.LSTM(6, 19, dtype=torch.float64, **cfg)
+        ours = fastlstm.LSTM(6, 19, dtype=dtype, **cfg)
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(9, 5, 6, dtype=torch.float64)
+        lengths = torch.tensor([9, 4, 7, 1, 9])
+        results = []
+        for model, data in ((ref, x), (ours, x.to(dtype))):
+            leaf = data.clone().requires_grad_()
+            y, (h, c) = model(pack_padded_sequence(leaf, lengths, enforce_sorted=False))
+            loss = (y.data ** 2).sum() + (h ** 2).sum() + c.sum()
+            grads = torch.autograd.grad(loss, [leaf] + list(model.parameters()))
+            results.append((y.data, h, c) + grads)
+        errors[f"{name}-{str(dtype)[6:]}"] = (str(dtype)[6:], max(rel(a, e) for a, e in zip(results[1], results[0])))
+print(json.dumps({"capability": fastlstm.cpu_capability(), "torch": torch.backends.cpu.get_cpu_capability(),
+                  "errors": errors}))
+"""
+
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+
+
+def _run_at(level: str | None) -> dict:
+    """The child's report with ATEN_CPU_CAPABILITY=level (None: unset, the CPU's own level)."""
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if level is not None:
+        env["ATEN_CPU_CAPABILITY"] = level
+    done = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"ATEN_CPU_CAPABILITY={level}: {done.stderr[-2000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_every_level_runs_correctly_and_reports_itself():
+    native = _run_at(None)
+    assert native["capability"] in LEVELS
+    # Our detection claims no more than torch's own (a build with fewer levels may report less;
+    # torch's non-x86 levels, such as SVE256, have no fastlstm counterpart beyond DEFAULT).
+    torch_rank = LEVELS.index(native["torch"]) if native["torch"] in LEVELS else 0
+    assert LEVELS.index(native["capability"]) <= torch_rank, (native["capability"], native["torch"])
+    reports = {"native": native}
+    for forced in ("avx2", "default"):
+        report = _run_at(forced)
+        expected = LEVELS[min(LEVELS.index(forced.upper()), LEVELS.index(native["capability"]))]
+        assert report["capability"] == expected, (forced, report["capability"])
+        reports[forced] = report
+    for run, report in reports.items():
+        for case, (dtype, err) in report["errors"].items():
+            assert err <= TOLERANCE[dtype], f"{run} ({report['capability']}), {case}: relative error {err:.2e}"
