@@ -15,19 +15,31 @@
 
 namespace {
 
-// For fastlstm.explain: whether the persistent CUDA kernels can run a layer, and why (not).
-std::tuple<bool, std::string> persistent_support(int64_t hidden_size, int64_t batch, const std::string& dtype,
-                                                 int64_t device) {
+// For fastlstm.explain: whether the persistent CUDA kernels (cluster: the cluster kernel's forward
+// with the persistent backward) can run a layer, and why (not).
+std::tuple<bool, std::string> kernel_support(int64_t hidden_size, int64_t batch, const std::string& dtype,
+                                             int64_t device, bool cluster) {
 #ifdef FASTLSTM_WITH_CUDA
   static const std::map<std::string, c10::ScalarType> types = {
       {"float32", c10::kFloat}, {"float64", c10::kDouble}, {"float16", c10::kHalf}, {"bfloat16", c10::kBFloat16}};
   const auto it = types.find(dtype);
   if (it == types.end()) return {false, "unsupported dtype " + dtype};
-  return fastlstm::cuda::persistent_support(hidden_size, batch, it->second, 0, device);
+  return cluster ? fastlstm::cuda::cluster_support(hidden_size, batch, it->second, 0, device)
+                 : fastlstm::cuda::persistent_support(hidden_size, batch, it->second, 0, device);
 #else
-  (void)hidden_size, (void)batch, (void)dtype, (void)device;
+  (void)hidden_size, (void)batch, (void)dtype, (void)device, (void)cluster;
   return {false, "this build has no CUDA kernels"};
 #endif
+}
+
+std::tuple<bool, std::string> persistent_support(int64_t hidden_size, int64_t batch, const std::string& dtype,
+                                                 int64_t device) {
+  return kernel_support(hidden_size, batch, dtype, device, false);
+}
+
+std::tuple<bool, std::string> cluster_support(int64_t hidden_size, int64_t batch, const std::string& dtype,
+                                              int64_t device) {
+  return kernel_support(hidden_size, batch, dtype, device, true);
 }
 
 }  // namespace
@@ -41,5 +53,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("empty_cache", &fastlstm::cpu::release_cached_buffers, "Free the idle host buffers fastlstm keeps for reuse");
   m.def("cached_bytes", &fastlstm::cpu::cached_bytes, "Bytes of idle host buffers fastlstm keeps for reuse");
   m.def("persistent_support", &persistent_support, "Whether the persistent CUDA kernels can run a layer, and why");
+  m.def("cluster_support", &cluster_support, "Whether backend 'cluster' can run a layer's forward, and why");
   m.def("cpu_capability", &fastlstm::cpu_capability, "The SIMD level the CPU kernels run at (see ATEN_CPU_CAPABILITY)");
 }

@@ -12,7 +12,7 @@ from . import _extension
 
 @dataclass(frozen=True)
 class Plan:
-    """The kernel a call would use: ``backend`` is 'cpu', 'stepwise' or 'persistent'."""
+    """The kernel a call would use: ``backend`` is 'cpu', 'stepwise', 'persistent' or 'cluster'."""
 
     backend: str
     reason: str
@@ -35,6 +35,21 @@ def persistent_support(hidden_size: int, batch: int, dtype: torch.dtype, device:
     return bool(ok), str(reason)
 
 
+def cluster_support(hidden_size: int, batch: int, dtype: torch.dtype, device: torch.device,
+                    proj_size: int = 0) -> tuple[bool, str]:
+    """Whether backend 'cluster' (the cluster kernel's forward, the persistent backward) can run this
+    layer on ``device``, and why not."""
+    if device.type != "cuda":
+        return False, "the cluster kernel is CUDA only"
+    if not _extension.cuda_compiled():
+        return False, "this build has no CUDA kernels"
+    if proj_size > 0:
+        return False, "the cluster kernel does not support proj_size > 0"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ok, reason = _extension._C.cluster_support(hidden_size, batch, str(dtype).replace("torch.", ""), index)
+    return bool(ok), str(reason)
+
+
 def batch_size(module: torch.nn.Module, input: torch.Tensor | PackedSequence) -> int:
     """The batch the kernels see for ``input``: a PackedSequence's widest step (its padded batch),
     1 for an unbatched (L, input_size) tensor, else the batch dimension of a (L, B, .) or, with
@@ -53,8 +68,8 @@ def plan(module: torch.nn.Module, input: torch.Tensor | PackedSequence, backend:
     data = input.data if isinstance(input, PackedSequence) else input
     device = data.device
     if device.type == "cpu":
-        if requested == "persistent":
-            return Plan("error", "backend='persistent' needs a CUDA device")
+        if requested in ("persistent", "cluster"):
+            return Plan("error", f"backend={requested!r} needs a CUDA device")
         return Plan("cpu", f"fused C++ kernels ({_extension.cpu_capability()}): input projection as large GEMMs, "
                            "the recurrence in one parallel region (step by step with proj_size), weight gradients "
                            "as large GEMMs after the loop")
@@ -64,6 +79,10 @@ def plan(module: torch.nn.Module, input: torch.Tensor | PackedSequence, backend:
         return Plan("stepwise", "requested: cuBLAS GEMM + fused cell kernel per step")
     if requested == "persistent":
         return Plan("persistent" if ok else "error", reason)
+    if requested == "cluster":
+        ok, reason = cluster_support(module.hidden_size, batch_size(module, input), data.dtype, device,
+                                     getattr(module, "proj_size", 0))
+        return Plan("cluster" if ok else "error", reason)
     return Plan("stepwise", "auto picks the stepwise kernels until the persistent kernel has been validated on a "
                             f"GPU (persistent: {reason})")
 

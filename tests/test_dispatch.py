@@ -42,3 +42,14 @@ def test_plan_asks_the_persistent_kernel_about_the_padded_batch(form, monkeypatc
     plan = dispatch.plan(model, inputs[form], backend="persistent")
     assert plan == dispatch.Plan("persistent", "fits")
     assert asked == [(6, 1 if form == "unbatched" else 3, torch.float32, "meta")]
+
+
+def test_cluster_backend_is_opt_in(monkeypatch):
+    """backend='cluster' asks cluster_support; 'auto' never picks it, even where it fits."""
+    monkeypatch.setattr(dispatch, "persistent_support", lambda *a, **k: (True, "persistent fits"))
+    monkeypatch.setattr(dispatch, "cluster_support", lambda *a, **k: (True, "cluster fits"))
+    model = fastlstm.LSTM(4, 6)
+    x = torch.randn(7, 3, 4, dtype=torch.bfloat16).to("meta")
+    assert dispatch.plan(model, x, backend="cluster") == dispatch.Plan("cluster", "cluster fits")
+    assert dispatch.plan(model, x, backend="auto").backend == "stepwise"
+    assert dispatch.plan(model, torch.randn(7, 3, 4), backend="cluster").backend == "error"

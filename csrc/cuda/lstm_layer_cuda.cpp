@@ -1,5 +1,6 @@
 // The layer ops on CUDA: the shared driver with cuBLAS GEMMs and the CUDA pointwise kernels
-// (backend "stepwise"), or the persistent kernels for the recurrence (backend "persistent").
+// (backend "stepwise"), or the persistent kernels for the recurrence (backend "persistent"), or
+// the cluster kernel's forward with the persistent backward (backend "cluster", opt-in).
 // Everything runs on the current stream of the input's device, workspaces come from the
 // caching allocator, and nothing synchronises with the host.
 #include <ATen/cuda/CUDAContext.h>
@@ -8,10 +9,12 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "../fastlstm/layer_op.h"
 #include "cublas_gemm.h"
 #include "lstm_cell_cuda.h"
+#include "lstm_cluster_cuda.h"
 #include "lstm_persistent_cuda.h"
 #include "persistent_support.h"
 
@@ -85,14 +88,46 @@ struct CudaPolicy {
   static void state_select(const StateSelectArgs<S>& a) { cuda::state_select<S>(a); }
 };
 
-// "auto" runs the stepwise kernels until the persistent ones have been validated on a GPU;
-// "persistent" runs them where they can, and says why not otherwise.
-bool use_persistent(std::string_view backend, const LayerInputs& in) {
-  if (parse_backend(backend) != Backend::Persistent) return false;
-  const auto [ok, reason] = persistent_support(in.hidden_size(), in.x.size(1), in.x.scalar_type(),
-                                               in.w_hr.defined() ? in.w_hr.size(0) : 0, in.x.get_device());
-  TORCH_CHECK(ok, "fastlstm: backend='persistent' cannot run this layer: ", reason);
-  return true;
+// Backend "cluster": the forward (and the backward's recomputation of checkpointed chunks) on the
+// cluster kernel, the backward on the persistent kernel, which reads the same saved tensors.
+struct CudaClusterPolicy : CudaPolicy {
+  template <class S>
+  class Recurrent : public CudaPolicy::Recurrent<S> {
+   public:
+    using A = at::opmath_type<S>;
+    using CudaPolicy::Recurrent<S>::Recurrent;
+    void fused_forward(const ChunkRecurrenceArgs<S, A>& a) {
+      if constexpr (std::is_same_v<S, c10::Half> || std::is_same_v<S, c10::BFloat16>) {
+        cluster_forward<S, A>(a);
+      } else {
+        TORCH_CHECK(false, "fastlstm: the cluster kernel runs bfloat16 and float16 only");
+      }
+    }
+  };
+};
+
+// Which kernels run the recurrence. "auto" runs the stepwise kernels until the persistent ones
+// have been validated on a GPU (it never picks "cluster"); "persistent" and "cluster" run where
+// they can, and say why not otherwise. with_backward: a backward will run (on the persistent kernel).
+enum class Recurrence { Stepwise, Persistent, Cluster };
+
+Recurrence recurrence_for(std::string_view backend, const LayerInputs& in, bool with_backward) {
+  const Backend b = parse_backend(backend);
+  if (b != Backend::Persistent && b != Backend::Cluster) return Recurrence::Stepwise;
+  const int64_t H = in.hidden_size(), B = in.x.size(1), proj = in.w_hr.defined() ? in.w_hr.size(0) : 0;
+  if (b == Backend::Persistent) {
+    const auto [ok, reason] = persistent_support(H, B, in.x.scalar_type(), proj, in.x.get_device());
+    TORCH_CHECK(ok, "fastlstm: backend='persistent' cannot run this layer: ", reason);
+    return Recurrence::Persistent;
+  }
+  const auto [ok, reason] = cluster_support(H, B, in.x.scalar_type(), proj, in.x.get_device());
+  TORCH_CHECK(ok, "fastlstm: backend='cluster' cannot run this layer: ", reason);
+  if (with_backward) {
+    const PersistentPlan bwd = persistent_plan(H, B, in.x.scalar_type(), static_cast<int>(in.x.get_device()), true);
+    TORCH_CHECK(bwd.ok, "fastlstm: backend='cluster' runs the backward on the persistent kernel, which cannot run "
+                "this layer: ", bwd.reason);
+  }
+  return Recurrence::Cluster;
 }
 
 ForwardOut layer_forward(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
@@ -105,10 +140,12 @@ ForwardOut layer_forward(const at::Tensor& x, const at::Tensor& w_ih, const at::
   backward_options(tbptt_chunk, grad_clip, grad_clip_mode, false);
   check_checkpoint_every(checkpoint_every);
   const LayerInputs in = LayerInputs(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths).cast(x.scalar_type());
-  const bool persistent = use_persistent(backend, in);
+  const Recurrence rec = recurrence_for(backend, in, checkpoint_every != kNoBackward);
   ForwardOut out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastlstm_layer_forward_cuda", [&] {
-    out = forward_typed<CudaPolicy, scalar_t>(in, reverse, checkpoint_every, persistent);
+    out = rec == Recurrence::Cluster
+              ? forward_typed<CudaClusterPolicy, scalar_t>(in, reverse, checkpoint_every, true)
+              : forward_typed<CudaPolicy, scalar_t>(in, reverse, checkpoint_every, rec == Recurrence::Persistent);
   });
   return out;
 }
@@ -126,14 +163,18 @@ BackwardOut layer_backward(const std::optional<at::Tensor>& grad_y, const std::o
   const BackwardOptions opts = backward_options(tbptt_chunk, grad_clip, grad_clip_mode, record_norms, input_grad);
   const auto dtype = x.scalar_type();
   const LayerInputs in = LayerInputs(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths).cast(dtype);
-  const bool persistent = use_persistent(backend, in);
+  const Recurrence rec = recurrence_for(backend, in, true);
   const at::Tensor dy = contiguous_as(grad_y, dtype), dh = contiguous_as(grad_h_n, dtype),
                    dc = contiguous_as(grad_c_n, dtype);
   BackwardOut out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastlstm_layer_backward_cuda", [&] {
-    out = backward_typed<CudaPolicy, scalar_t>(in, dy, dh, dc, y.contiguous(), saved_gates.contiguous(),
-                                               saved_c.contiguous(), saved_r.contiguous(), reverse,
-                                               checkpoint_every, persistent, opts);
+    const at::Tensor yc = y.contiguous(), gates = saved_gates.contiguous(), cs = saved_c.contiguous(),
+                     rs = saved_r.contiguous();
+    out = rec == Recurrence::Cluster
+              ? backward_typed<CudaClusterPolicy, scalar_t>(in, dy, dh, dc, yc, gates, cs, rs, reverse,
+                                                            checkpoint_every, true, opts)
+              : backward_typed<CudaPolicy, scalar_t>(in, dy, dh, dc, yc, gates, cs, rs, reverse, checkpoint_every,
+                                                     rec == Recurrence::Persistent, opts);
   });
   return out;
 }
@@ -148,6 +189,13 @@ std::tuple<bool, std::string> persistent_support(int64_t hidden_size, int64_t ba
   const PersistentPlan bwd = persistent_plan(hidden_size, batch, dtype, static_cast<int>(device), true);
   if (!bwd.ok) return {false, bwd.reason};
   return {true, fwd.reason};
+}
+
+std::tuple<bool, std::string> cluster_support(int64_t hidden_size, int64_t batch, c10::ScalarType dtype,
+                                              int64_t proj_size, int64_t device) {
+  if (proj_size > 0) return {false, "the cluster kernel does not support proj_size > 0"};
+  const ClusterPlan plan = cluster_plan(hidden_size, batch, dtype, static_cast<int>(device));
+  return {plan.ok, plan.reason};
 }
 
 }  // namespace fastlstm::cuda

@@ -15,13 +15,15 @@ using ForwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
 using BackwardOut =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-enum class Backend { Auto, Stepwise, Persistent };
+enum class Backend { Auto, Stepwise, Persistent, Cluster };
 
 inline Backend parse_backend(std::string_view s) {
   if (s == "auto") return Backend::Auto;
   if (s == "stepwise") return Backend::Stepwise;
   if (s == "persistent") return Backend::Persistent;
-  TORCH_CHECK(false, "fastlstm: backend must be one of 'auto', 'stepwise', 'persistent', got '", std::string(s), "'");
+  if (s == "cluster") return Backend::Cluster;
+  TORCH_CHECK(false, "fastlstm: backend must be one of 'auto', 'stepwise', 'persistent', 'cluster', got '",
+              std::string(s), "'");
 }
 
 inline void check_checkpoint_every(int64_t checkpoint_every) {

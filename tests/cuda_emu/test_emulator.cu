@@ -211,6 +211,138 @@ TEST(launch_limits_fail_like_cuda) {
                               static_cast<int>(prop.sharedMemPerBlockOptin) + 1) != cudaSuccess);
 }
 
+// ---- thread-block clusters ----
+
+// A launch of `clusters` clusters of `size` blocks along x (cudaLaunchKernelEx with the cluster
+// dimension attribute).
+template <class... P, class... A>
+cudaError_t launch_clusters(void (*kernel)(P...), unsigned clusters, unsigned size, unsigned threads, size_t smem,
+                            A... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = size;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(clusters * size);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
+// DSMEM ring: in round r every thread writes into the next rank's shared memory (double
+// buffered by round parity), one cluster barrier, then reads what the previous rank wrote.
+__global__ void ring_kernel(int* out, int rounds, unsigned* shape) {
+  FASTLSTM_DYNAMIC_SMEM(smem);
+  int* buf = reinterpret_cast<int*>(smem);  // (2, blockDim.x)
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank(), size = cluster.num_blocks(), n = blockDim.x, t = threadIdx.x;
+  if (t == 0) {
+    shape[blockIdx.x * 3] = rank;
+    shape[blockIdx.x * 3 + 1] = size;
+    shape[blockIdx.x * 3 + 2] = cluster.dim_blocks().x;
+  }
+  int* next = cluster.map_shared_rank(buf, (rank + 1) % size);
+  for (int r = 0; r < rounds; ++r) {
+    next[(r % 2) * n + t] = 100000 * r + 100 * static_cast<int>(blockIdx.x) + static_cast<int>(t);
+    cluster.sync();
+    out[(static_cast<size_t>(r) * gridDim.x + blockIdx.x) * n + t] = buf[(r % 2) * n + t];
+  }
+  cluster.sync();  // no block exits while a peer may still write into its shared memory
+}
+
+TEST(cluster_dsmem_ring_exchange) {
+  for (unsigned size : {2u, 4u, 8u, 16u}) {
+    EXPECT(ok(cudaFuncSetAttribute(ring_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1)));
+    const unsigned clusters = 2, threads = 64, blocks = clusters * size;
+    const int rounds = 4;
+    Managed<int> out(rounds * blocks * threads, -1);
+    Managed<unsigned> shape(3 * blocks, 99);
+    EXPECT(ok(launch_clusters(ring_kernel, clusters, size, threads, 2 * threads * sizeof(int), out.p, rounds,
+                              shape.p)),
+           "size " + std::to_string(size));
+    EXPECT(ok(cudaDeviceSynchronize()));
+    for (unsigned b = 0; b < blocks; ++b) {
+      EXPECT(shape[3 * b] == b % size && shape[3 * b + 1] == size && shape[3 * b + 2] == size);
+      const unsigned from = b / size * size + (b % size + size - 1) % size;
+      for (int r = 0; r < rounds; ++r) {
+        for (unsigned t = 0; t < threads; ++t) {
+          const int want = 100000 * r + 100 * static_cast<int>(from) + static_cast<int>(t);
+          EXPECT(out[(r * blocks + b) * threads + t] == want,
+                 "size " + std::to_string(size) + " block " + std::to_string(b) + " round " + std::to_string(r));
+        }
+      }
+    }
+  }
+}
+
+// The split barrier: the DSMEM write, arrive, independent work (a global write), wait, the read.
+__global__ void split_barrier_kernel(int* out, int* side, int rounds) {
+  FASTLSTM_DYNAMIC_SMEM(smem);
+  int* buf = reinterpret_cast<int*>(smem);  // (2, blockDim.x)
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank(), size = cluster.num_blocks(), n = blockDim.x, t = threadIdx.x;
+  int* prev = cluster.map_shared_rank(buf, (rank + size - 1) % size);
+  for (int r = 0; r < rounds; ++r) {
+    prev[(r % 2) * n + t] = 1000 * r + static_cast<int>(rank * n + t);
+    cluster.barrier_arrive();
+    side[(static_cast<size_t>(r) * gridDim.x + blockIdx.x) * n + t] = r;  // overlaps the other blocks' arrival
+    cluster.barrier_wait();
+    out[(static_cast<size_t>(r) * gridDim.x + blockIdx.x) * n + t] = buf[(r % 2) * n + t];
+  }
+  cluster.sync();
+}
+
+TEST(cluster_split_barrier) {
+  const unsigned size = 4, threads = 32;
+  const int rounds = 3;
+  Managed<int> out(rounds * size * threads, -1), side(rounds * size * threads, -1);
+  EXPECT(ok(launch_clusters(split_barrier_kernel, 1, size, threads, 2 * threads * sizeof(int), out.p, side.p, rounds)));
+  EXPECT(ok(cudaDeviceSynchronize()));
+  for (int r = 0; r < rounds; ++r) {
+    for (unsigned b = 0; b < size; ++b) {
+      for (unsigned t = 0; t < threads; ++t) {
+        EXPECT(out[(r * size + b) * threads + t] == 1000 * r + static_cast<int>(((b + 1) % size) * threads + t));
+        EXPECT(side[(r * size + b) * threads + t] == r);
+      }
+    }
+  }
+}
+
+__global__ void empty_cluster_kernel(int) {}
+
+TEST(cluster_launch_limits_fail_like_cuda) {
+  // Beyond 8 blocks a cluster needs the non-portable attribute; beyond 16 nothing helps.
+  EXPECT(cudaFuncSetAttribute(empty_cluster_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 0) == cudaSuccess);
+  EXPECT(ok(launch_clusters(empty_cluster_kernel, 2, 8, 32, 0, 0)));
+  EXPECT(launch_clusters(empty_cluster_kernel, 1, 16, 32, 0, 0) != cudaSuccess);
+  cudaGetLastError();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 16;
+  attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(16);
+  config.blockDim = dim3(32);
+  config.attrs = attr;
+  config.numAttrs = 1;
+  int clusters = -1;
+  EXPECT(ok(cudaOccupancyMaxActiveClusters(&clusters, empty_cluster_kernel, &config)));
+  EXPECT(clusters == 0, std::to_string(clusters));
+  EXPECT(ok(cudaFuncSetAttribute(empty_cluster_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1)));
+  EXPECT(ok(cudaOccupancyMaxActiveClusters(&clusters, empty_cluster_kernel, &config)));
+  EXPECT(clusters >= 1, std::to_string(clusters));
+  EXPECT(ok(launch_clusters(empty_cluster_kernel, 1, 16, 32, 0, 0)));
+  EXPECT(launch_clusters(empty_cluster_kernel, 1, 32, 32, 0, 0) != cudaSuccess);
+  cudaGetLastError();
+  // The grid must be a multiple of the cluster.
+  config.gridDim = dim3(24);
+  EXPECT(cudaLaunchKernelEx(&config, empty_cluster_kernel, 0) != cudaSuccess);
+  cudaGetLastError();
+}
+
 // One m16n8k16 product per warp: D = A B + C from tiles in memory, through the fragment loaders.
 template <fastlstm::cuda::MmaInput In>
 __global__ void mma_kernel(const uint16_t* a, const uint16_t* b_cols, const float* c, float* d) {
@@ -326,6 +458,40 @@ __global__ void early_exit_grid_kernel() {
 DEATH_TEST(block_exiting_before_grid_sync_aborts, "have exited while") {
   void* args[] = {nullptr};
   cudaLaunchCooperativeKernel(early_exit_grid_kernel, dim3(2), dim3(32), args, 0, nullptr);
+}
+
+__global__ void cluster_sync_kernel() { cg::this_cluster().sync(); }
+DEATH_TEST(cluster_sync_outside_a_cluster_launch_aborts, "in a launch without clusters") {
+  FASTLSTM_LAUNCH(cluster_sync_kernel, 2, 32, 0, nullptr);
+}
+
+__global__ void early_exit_cluster_kernel(int) {
+  if (cg::this_cluster().block_rank() == 1) return;
+  cg::this_cluster().sync();
+}
+DEATH_TEST(block_exiting_while_its_cluster_waits_aborts, "has exited while") {
+  launch_clusters(early_exit_cluster_kernel, 1, 2, 32, 0, 0);
+}
+
+__global__ void wait_without_arrive_kernel(int) { cg::this_cluster().barrier_wait(); }
+DEATH_TEST(cluster_wait_without_arrive_aborts, "without having arrived") {
+  launch_clusters(wait_without_arrive_kernel, 1, 2, 32, 0, 0);
+}
+
+__global__ void double_arrive_kernel(int) {
+  cg::this_cluster().barrier_arrive();
+  cg::this_cluster().barrier_arrive();
+}
+DEATH_TEST(cluster_arrive_twice_aborts, "twice without waiting") {
+  launch_clusters(double_arrive_kernel, 1, 2, 32, 0, 0);
+}
+
+__global__ void map_static_kernel(int) {
+  __shared__ int x;
+  cg::this_cluster().map_shared_rank(&x, 1)[0] = 1;
+}
+DEATH_TEST(mapping_static_shared_memory_aborts, "static __shared__ variables are not supported") {
+  launch_clusters(map_static_kernel, 1, 2, 32, 64, 0);
 }
 
 __global__ void spin_kernel(volatile int* flag) {

@@ -16,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../../csrc/cuda/lstm_cluster_cuda.h"
 #include "../../csrc/cuda/lstm_persistent_cuda.h"
 #include "../../csrc/fastlstm/buffers.h"
 #include "../../csrc/fastlstm/layer_op.h"
@@ -328,6 +329,121 @@ TEST(persistent_sm_counts) {
       compare(c);
     }
   }
+  cuda_emu::set_device_limits(saved.multiProcessorCount, saved.sharedMemPerBlockOptin);
+}
+
+// ---- backend "cluster": the cluster kernel's forward, the persistent backward ----
+
+// Runs `edit`ed cases with bfloat16 and float16 on the cluster backend.
+template <class F>
+void for_each_half(F&& edit) {
+  for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+    Case c;
+    c.dtype = dtype;
+    c.backend = "cluster";
+    edit(c);
+    const int before = check::current_failures();
+    compare(c);
+    if (check::current_failures() != before) std::fprintf(stderr, "    in case: %s\n", label(c).c_str());
+  }
+}
+
+// The plan the kernel will use for a case (checked so each test exercises what it says).
+fastlstm::cuda::ClusterPlan plan_of(const Case& c) { return fastlstm::cuda::cluster_plan(c.H, c.B, c.dtype, 0); }
+
+TEST(cluster_plain_packed_reverse) {
+  for_each_half([](Case&) {});
+  for_each_half([](Case& c) { c.packed = true; });
+  for_each_half([](Case& c) {
+    c.packed = true;
+    c.reverse = true;
+    c.bias = false;
+    c.seed = 3;
+  });
+}
+
+TEST(cluster_checkpointing_and_inference_chunks) {
+  for_each_half([](Case& c) {
+    c.checkpoint_every = 3;  // the backward recomputes the chunks' gates with the cluster kernel
+    c.packed = true;
+    c.norms = true;
+    c.tbptt = 4;
+  });
+  for_each_half([](Case& c) {
+    c.checkpoint_every = fastlstm::kNoBackward;
+    c.T = 40;
+    c.B = 3;
+    c.H = 8;
+    c.packed = true;
+  });
+}
+
+// Several clusters (one batch slice each, the last one partial), a hidden size that is not a
+// multiple of 16 (K padded) and not of the cluster size (the last blocks own fewer or no units).
+TEST(cluster_several_slices_odd_sizes) {
+  const cudaDeviceProp saved = cuda_emu::device();
+  cuda_emu::set_device_limits(16, saved.sharedMemPerBlockOptin);  // room for 8 resident clusters of 16
+  for_each_half([](Case& c) {
+    c.H = 40;
+    c.B = 21;
+    c.T = 5;
+    c.packed = true;
+    c.reverse = true;
+    const fastlstm::cuda::ClusterPlan p = plan_of(c);
+    EXPECT(p.ok && p.cluster == 16 && p.clusters == 3 && p.rows_per_cluster == 8, p.reason);
+  });
+  for_each_half([](Case& c) {
+    c.H = 70;
+    c.B = 11;
+    c.T = 4;
+    c.packed = true;
+    const fastlstm::cuda::ClusterPlan p = plan_of(c);
+    EXPECT(p.ok && p.clusters == 2 && p.units_per_block == 5, p.reason);
+  });
+  cuda_emu::set_device_limits(saved.multiProcessorCount, saved.sharedMemPerBlockOptin);
+}
+
+// A device that refuses non-portable cluster sizes: clusters of 8.
+TEST(cluster_of_eight_without_nonportable_sizes) {
+  cuda_emu::set_max_cluster_size(8);
+  for_each_half([](Case& c) {
+    c.H = 30;
+    c.B = 9;
+    c.packed = true;
+    const fastlstm::cuda::ClusterPlan p = plan_of(c);
+    EXPECT(p.ok && p.cluster == 8 && p.units_per_block == 4, p.reason);
+  });
+  cuda_emu::set_max_cluster_size(16);
+}
+
+std::string refusal(const Case& c) {
+  try {
+    compare(c);
+  } catch (const c10::Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+TEST(cluster_refuses_clearly) {
+  Case c;
+  c.backend = "cluster";
+  c.dtype = at::kFloat;
+  std::string why = refusal(c);
+  EXPECT(why.find("backend='cluster' cannot run this layer: the cluster kernel runs bfloat16 and float16 only") !=
+             std::string::npos,
+         why);
+  c.dtype = at::kBFloat16;
+  c.P = 5;
+  why = refusal(c);
+  EXPECT(why.find("does not support proj_size > 0") != std::string::npos, why);
+  // W_hh beyond the shared memory of 16 blocks (this version keeps it there).
+  const cudaDeviceProp saved = cuda_emu::device();
+  cuda_emu::set_device_limits(saved.multiProcessorCount, 8 * 1024);
+  c.P = 0;
+  c.H = 64;
+  why = refusal(c);
+  EXPECT(why.find("W_hh does not fit on chip") != std::string::npos, why);
   cuda_emu::set_device_limits(saved.multiProcessorCount, saved.sharedMemPerBlockOptin);
 }
 

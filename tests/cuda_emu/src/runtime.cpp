@@ -73,6 +73,8 @@ cuda_emu_trampoline:
   .size cuda_emu_trampoline, .-cuda_emu_trampoline
 )");
 
+thread_local dim3 blockDim, gridDim;
+
 namespace cuda_emu {
 
 thread_local const Coords* current_coords = nullptr;
@@ -115,6 +117,7 @@ cudaDeviceProp make_device() {
   p.reservedSharedMemPerBlock = 1024;
   p.sharedMemPerMultiprocessor = p.sharedMemPerBlockOptin + p.reservedSharedMemPerBlock;
   p.cooperativeLaunch = 1;
+  p.clusterLaunch = 1;
   std::snprintf(p.name, sizeof p.name, "cuda_emu (%d SMs, %zu KiB shared memory per block)", p.multiProcessorCount,
                 p.sharedMemPerBlockOptin / 1024);
   return p;
@@ -169,7 +172,7 @@ StackPool& stacks() {
   return *pool;
 }
 
-enum class Wait { Ready, Barrier, Warp, Grid, Exited };
+enum class Wait { Ready, Barrier, Warp, Grid, Cluster, Exited };
 
 const char* op_name(WarpOp op) {
   switch (op) {
@@ -187,6 +190,7 @@ const char* op_name(WarpOp op) {
 
 struct Block;
 struct Launch;
+struct Cluster;
 
 struct Thread {
   Coords coords;
@@ -201,6 +205,8 @@ struct Thread {
   unsigned mask = 0;
   uint64_t bits = 0, result = 0;
   int arg = 0, width = 32;
+  bool arrived = false;       // at the cluster barrier's current phase, not yet waited for
+  uint64_t arrive_phase = 0;  // the cluster barrier phase it arrived at
 #ifdef CUDA_EMU_ASAN
   void* fake_stack = nullptr;
 #endif
@@ -216,13 +222,24 @@ struct Block {
   std::mt19937_64 rng;
   unsigned char* smem = nullptr;
   void* scheduler_sp = nullptr;
-  int live = 0, at_barrier = 0, at_grid = 0;
+  int live = 0, at_barrier = 0, at_grid = 0, at_cluster = 0;
   const Thread* barrier_first = nullptr;  // the first thread waiting at the current barrier
+  Cluster* cluster = nullptr;             // null outside a cluster launch
+  unsigned cluster_rank = 0;
 #ifdef CUDA_EMU_ASAN
   void* scheduler_fake_stack = nullptr;
   const void* scheduler_stack_bottom = nullptr;
   size_t scheduler_stack_size = 0;
 #endif
+};
+
+// The blocks of one cluster and its barrier: a phase completes when every thread of every block
+// has arrived; arrivals and releases happen during some block's turn (one block runs at a time).
+struct Cluster {
+  std::vector<Block*> blocks;  // by rank
+  int threads = 0;
+  int arrivals = 0;
+  uint64_t phase = 0;
 };
 
 struct Launch {
@@ -261,6 +278,7 @@ std::string waiting_at(const Thread& t) {
   switch (t.wait) {
     case Wait::Barrier: std::snprintf(buf, sizeof buf, "__syncthreads() at %s:%d", t.file, t.line); break;
     case Wait::Grid: std::snprintf(buf, sizeof buf, "grid.sync() at %s:%d", t.file, t.line); break;
+    case Wait::Cluster: std::snprintf(buf, sizeof buf, "the cluster barrier (wait) at %s:%d", t.file, t.line); break;
     case Wait::Warp:
       std::snprintf(buf, sizeof buf, "%s(mask 0x%08x) at %s:%d", op_name(t.op), t.mask, t.file, t.line);
       break;
@@ -276,6 +294,8 @@ extern "C" void cuda_emu_fiber_main(Thread* t);
 void resume(Block& b, Thread& t) {
   tl_thread = &t;
   current_coords = &t.coords;
+  blockDim = t.coords.block_dim;
+  gridDim = t.coords.grid_dim;
 #ifdef CUDA_EMU_ASAN
   __sanitizer_start_switch_fiber(&b.scheduler_fake_stack, t.stack.base, t.stack.size);
 #endif
@@ -447,6 +467,7 @@ BlockStop run_block(Block& b) {
           }
           break;
         case Wait::Grid: ++b.at_grid; break;
+        case Wait::Cluster: ++b.at_cluster; break;
         case Wait::Ready: fail("internal: a fiber yielded without waiting");
       }
       continue;
@@ -457,12 +478,15 @@ BlockStop run_block(Block& b) {
       // Its group is incomplete and nothing can run: some lane of its mask waits elsewhere.
       for (int l = 0; l < 32; ++l) {
         const Thread& u = b.threads[t.index / 32 * 32 + l];
-        if ((t.mask & (1u << l)) && u.wait != Wait::Warp) {
+        if ((t.mask & (1u << l)) && u.wait != Wait::Warp && u.wait != Wait::Cluster) {
           fail("%s: deadlock: %s waits at %s for lane %d, which waits at %s", b.launch->kernel_name.c_str(),
                where(t).c_str(), waiting_at(t).c_str(), l, waiting_at(u).c_str());
         }
       }
     }
+    // Threads at the cluster barrier are released by the other blocks' arrivals; the launch's
+    // scheduler finds a cluster that can never complete.
+    if (b.at_cluster > 0) return BlockStop::AtGrid;
     if (b.at_barrier > 0 && b.at_grid > 0) {
       const Thread* g = nullptr;
       for (const Thread& t : b.threads) g = t.wait == Wait::Grid ? &t : g;
@@ -542,6 +566,8 @@ BlockStop step_block(Block& b) {
 
 std::mutex attr_mutex;
 std::map<const void*, int> max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
+std::map<const void*, int> nonportable_cluster;  // cudaFuncAttributeNonPortableClusterSizeAllowed per kernel
+int device_max_cluster = 16;                     // set_max_cluster_size
 std::atomic<uint64_t> launch_count{0};
 std::atomic<int> last_error{cudaSuccess};
 
@@ -591,14 +617,22 @@ void run_ordinary(Launch& launch, unsigned blocks, uint64_t seed) {
   worker.join();
 }
 
-// Every block of a cooperative launch is resident at once, each on its own OS thread; the
-// scheduler hands one block at a time a turn, so a schedule replays exactly.
-void run_cooperative(Launch& launch, unsigned blocks, uint64_t seed) {
+// Blocks that may wait for each other run resident at once, each on its own OS thread: every
+// block of a cooperative launch, or the blocks of one cluster. The scheduler hands one block at a
+// time a turn, so a schedule replays exactly. `cluster` is null for a cooperative launch.
+void run_resident(Launch& launch, const std::vector<unsigned>& linear, uint64_t seed, Cluster* cluster) {
+  const unsigned blocks = static_cast<unsigned>(linear.size());
   std::vector<std::unique_ptr<Block>> bs;
   std::vector<std::unique_ptr<Turn>> turns;
   for (unsigned i = 0; i < blocks; ++i) {
-    bs.push_back(make_block(launch, i, seed));
+    bs.push_back(make_block(launch, linear[i], seed));
     turns.push_back(std::make_unique<Turn>());
+    if (cluster) {
+      bs[i]->cluster = cluster;
+      bs[i]->cluster_rank = i;
+      cluster->blocks.push_back(bs[i].get());
+      cluster->threads += static_cast<int>(bs[i]->threads.size());
+    }
   }
   std::vector<std::thread> threads;
   for (unsigned i = 0; i < blocks; ++i) {
@@ -620,22 +654,43 @@ void run_cooperative(Launch& launch, unsigned blocks, uint64_t seed) {
       }
     });
   }
-  enum class State { Runnable, AtGrid, Exited };
+  enum class State { Runnable, Waiting, Exited };
   std::vector<State> state(blocks, State::Runnable);
   std::mt19937_64 rng(seed);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_seconds());
   for (;;) {
     std::vector<unsigned> runnable;
     for (unsigned i = 0; i < blocks; ++i) {
+      // A block waiting at the cluster barrier is woken by another block's arrival.
+      if (state[i] == State::Waiting && !bs[i]->ready.empty()) state[i] = State::Runnable;
       if (state[i] == State::Runnable) runnable.push_back(i);
     }
     if (runnable.empty()) {
       int exited = 0, waiting = -1;
       for (unsigned i = 0; i < blocks; ++i) {
         if (state[i] == State::Exited) ++exited;
-        if (state[i] == State::AtGrid) waiting = static_cast<int>(i);
+        if (state[i] == State::Waiting) waiting = static_cast<int>(i);
       }
       if (exited == static_cast<int>(blocks)) break;
+      if (cluster) {
+        // Nothing can run and the barrier's phase is incomplete: some thread never arrives.
+        const Thread* w = nullptr;
+        const Thread* gone = nullptr;
+        for (auto& b : bs) {
+          for (const Thread& t : b->threads) {
+            if (t.wait == Wait::Cluster && !w) w = &t;
+            if (t.wait == Wait::Exited && !gone) gone = &t;
+          }
+        }
+        if (w && gone) {
+          fail("%s: %s has exited while %s waits at %s (a cluster barrier needs every thread of the cluster)",
+               launch.kernel_name.c_str(), where(*gone).c_str(), where(*w).c_str(), waiting_at(*w).c_str());
+        }
+        const Thread& t = bs[waiting]->threads[0];
+        fail("%s: deadlock in a cluster: %s waits at %s, %d of the cluster's %d threads have arrived",
+             launch.kernel_name.c_str(), where(w ? *w : t).c_str(), waiting_at(w ? *w : t).c_str(), cluster->arrivals,
+             cluster->threads);
+      }
       if (exited > 0) {
         const Thread& t = bs[waiting]->threads[0];
         fail("%s: %d of %u blocks have exited while %s waits at %s", launch.kernel_name.c_str(), exited, blocks,
@@ -661,15 +716,47 @@ void run_cooperative(Launch& launch, unsigned blocks, uint64_t seed) {
       if (!turn.cv.wait_until(lock, deadline, [&] { return !turn.block_turn; })) {
         fail("%s: the launch did not finish within %.0f s (CUDA_EMU_TIMEOUT_S): block %u loops without reaching a "
              "synchronisation point",
-             launch.kernel_name.c_str(), timeout_seconds(), i);
+             launch.kernel_name.c_str(), timeout_seconds(), linear[i]);
       }
       state[i] = turn.stop == BlockStop::Exited ? State::Exited
-                 : turn.stop == BlockStop::AtGrid ? State::AtGrid
+                 : turn.stop == BlockStop::AtGrid ? State::Waiting
                                                   : State::Runnable;
     }
   }
   for (std::thread& t : threads) t.join();
   for (auto& b : bs) free_block(*b);
+}
+
+void run_cooperative(Launch& launch, unsigned blocks, uint64_t seed) {
+  std::vector<unsigned> linear(blocks);
+  for (unsigned i = 0; i < blocks; ++i) linear[i] = i;
+  run_resident(launch, linear, seed, nullptr);
+}
+
+// Clusters cannot wait for each other: they run one after another in the schedule's order, the
+// blocks of each resident together. A cluster's blocks are those whose indices differ only below
+// the cluster dimensions; the rank runs x fastest.
+void run_clustered(Launch& launch, uint64_t seed) {
+  const dim3 g = launch.config.grid, c = launch.config.cluster;
+  const dim3 n(g.x / c.x, g.y / c.y, g.z / c.z);
+  const unsigned clusters = n.x * n.y * n.z;
+  std::vector<unsigned> order(clusters);
+  for (unsigned i = 0; i < clusters; ++i) order[i] = schedule() == Schedule::Reverse ? clusters - 1 - i : i;
+  if (schedule() == Schedule::Random) std::shuffle(order.begin(), order.end(), std::mt19937_64(seed));
+  for (unsigned k : order) {
+    const dim3 ci(k % n.x, k / n.x % n.y, k / (n.x * n.y));
+    std::vector<unsigned> linear;
+    for (unsigned z = 0; z < c.z; ++z) {
+      for (unsigned y = 0; y < c.y; ++y) {
+        for (unsigned x = 0; x < c.x; ++x) {
+          const unsigned bx = ci.x * c.x + x, by = ci.y * c.y + y, bz = ci.z * c.z + z;
+          linear.push_back(bx + g.x * (by + g.y * bz));
+        }
+      }
+    }
+    Cluster cluster;
+    run_resident(launch, linear, seed + k, &cluster);
+  }
 }
 
 }  // namespace
@@ -740,9 +827,113 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t bits, int arg, int w
   return t->result;
 }
 
+namespace {
+Cluster& current_cluster(const char* what, const char* file, int line) {
+  Thread* t = tl_thread;
+  if (!t) fail("%s at %s:%d called outside a kernel", what, file, line);
+  if (!t->block->cluster) {
+    fail("%s: %s calls %s at %s:%d in a launch without clusters (launch with cudaLaunchKernelEx and "
+         "cudaLaunchAttributeClusterDimension)",
+         t->block->launch->kernel_name.c_str(), where(*t).c_str(), what, file, line);
+  }
+  return *t->block->cluster;
+}
+}  // namespace
+
+void cluster_arrive(const char* file, int line) {
+  Cluster& c = current_cluster("the cluster barrier's arrive", file, line);
+  Thread& t = *tl_thread;
+  if (t.arrived) {
+    fail("%s: %s arrives at the cluster barrier at %s:%d twice without waiting (barrier_wait must follow each "
+         "barrier_arrive)",
+         t.block->launch->kernel_name.c_str(), where(t).c_str(), file, line);
+  }
+  t.arrived = true;
+  t.arrive_phase = c.phase;
+  if (++c.arrivals < c.threads) return;
+  // The phase is complete: release every thread of the cluster that waits for it.
+  c.arrivals = 0;
+  ++c.phase;
+  for (Block* b : c.blocks) {
+    const int n = static_cast<int>(b->threads.size());
+    for (int k = 0; k < n; ++k) {
+      Thread& u = b->threads[schedule() == Schedule::Reverse ? n - 1 - k : k];
+      if (u.wait == Wait::Cluster) {
+        --b->at_cluster;
+        make_ready(*b, u);
+      }
+    }
+  }
+}
+
+void cluster_wait(const char* file, int line) {
+  Cluster& c = current_cluster("the cluster barrier's wait", file, line);
+  Thread& t = *tl_thread;
+  if (!t.arrived) {
+    fail("%s: %s waits at the cluster barrier at %s:%d without having arrived (barrier_arrive must precede "
+         "barrier_wait)",
+         t.block->launch->kernel_name.c_str(), where(t).c_str(), file, line);
+  }
+  if (c.phase == t.arrive_phase) {
+    t.wait = Wait::Cluster;
+    t.file = file;
+    t.line = line;
+    suspend(t);
+  }
+  t.arrived = false;
+}
+
+unsigned cluster_rank(const char* file, int line) { return current_cluster("block_rank()", file, line), tl_block->cluster_rank; }
+
+dim3 cluster_dims(const char* file, int line) {
+  current_cluster("dim_blocks()", file, line);
+  return tl_block->launch->config.cluster;
+}
+
+void* map_shared(void* addr, unsigned rank, const char* file, int line) {
+  Cluster& c = current_cluster("map_shared_rank()", file, line);
+  Block& b = *tl_block;
+  if (rank >= c.blocks.size()) {
+    fail("%s: %s maps shared memory of rank %u at %s:%d; the cluster has %zu blocks", b.launch->kernel_name.c_str(),
+         where(*tl_thread).c_str(), rank, file, line, c.blocks.size());
+  }
+  const auto* p = static_cast<unsigned char*>(addr);
+  const size_t bytes = b.launch->config.smem;
+  if (p < b.smem || p >= b.smem + bytes) {
+    fail("%s: %s maps %p at %s:%d, which is not in the block's dynamic shared memory (the harness maps only dynamic "
+         "shared memory; static __shared__ variables are not supported)",
+         b.launch->kernel_name.c_str(), where(*tl_thread).c_str(), addr, file, line);
+  }
+  return c.blocks[rank]->smem + (p - b.smem);
+}
+
 unsigned char* dynamic_shared_memory() {
   if (!tl_block) fail("dynamic shared memory used outside a kernel");
   return tl_block->smem;
+}
+
+cudaError_t set_nonportable_cluster(const void* kernel, int allowed) {
+  if (allowed != 0 && allowed != 1) return cudaErrorInvalidValue;
+  const std::lock_guard<std::mutex> lock(attr_mutex);
+  nonportable_cluster[kernel] = allowed;
+  return cudaSuccess;
+}
+
+void set_max_cluster_size(int blocks) {
+  const std::lock_guard<std::mutex> lock(attr_mutex);
+  device_max_cluster = blocks;
+}
+
+int max_cluster_blocks(const void* kernel) {
+  const std::lock_guard<std::mutex> lock(attr_mutex);
+  const auto it = nonportable_cluster.find(kernel);
+  return it != nonportable_cluster.end() && it->second ? device_max_cluster : std::min(device_max_cluster, 8);
+}
+
+int max_active_clusters(const void* kernel, int threads, size_t smem, dim3 cluster) {
+  const uint64_t size = 1ull * cluster.x * cluster.y * cluster.z;
+  if (size == 0 || size > static_cast<uint64_t>(max_cluster_blocks(kernel))) return 0;
+  return static_cast<int>(1ull * max_active_blocks(kernel, threads, smem) * device().multiProcessorCount / size);
 }
 
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
@@ -773,6 +964,18 @@ cudaError_t launch(const LaunchConfig& config, const std::function<void()>& body
   }
   if (config.smem > static_cast<size_t>(dynamic_smem_limit(config.kernel))) return cudaErrorInvalidValue;
   const uint64_t blocks = 1ull * g.x * g.y * g.z;
+  const dim3 c = config.cluster;
+  const bool clustered = 1ull * c.x * c.y * c.z > 1;
+  if (clustered) {
+    if (config.cooperative) return cudaErrorInvalidValue;  // not modelled together
+    if (g.x % c.x || g.y % c.y || g.z % c.z) return cudaErrorInvalidClusterSize;
+    if (1ull * c.x * c.y * c.z > static_cast<uint64_t>(max_cluster_blocks(config.kernel))) {
+      return cudaErrorInvalidClusterSize;
+    }
+    if (max_active_clusters(config.kernel, static_cast<int>(threads), config.smem, c) == 0) {
+      return cudaErrorLaunchOutOfResources;
+    }
+  }
   if (config.cooperative &&
       blocks > static_cast<uint64_t>(max_active_blocks(config.kernel, static_cast<int>(threads), config.smem)) *
                    static_cast<uint64_t>(d.multiProcessorCount)) {
@@ -786,6 +989,8 @@ cudaError_t launch(const LaunchConfig& config, const std::function<void()>& body
   const uint64_t seed = static_cast<uint64_t>(env_long("CUDA_EMU_SEED", 1)) * 1000003ull + launch_count++;
   if (config.cooperative) {
     run_cooperative(l, static_cast<unsigned>(blocks), seed);
+  } else if (clustered) {
+    run_clustered(l, seed);
   } else {
     run_ordinary(l, static_cast<unsigned>(blocks), seed);
   }
@@ -803,6 +1008,8 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorInvalidDeviceFunction: return "invalid device function";
     case cudaErrorCooperativeLaunchTooLarge: return "too many blocks in cooperative launch";
+    case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
+    case cudaErrorInvalidClusterSize: return "invalid cluster size";
   }
   return "unknown error";
 }

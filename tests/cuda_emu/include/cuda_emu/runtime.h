@@ -57,6 +57,15 @@ enum class WarpOp : int { Shfl, ShflUp, ShflDown, ShflXor, Ballot, Any, All, Syn
 
 void syncthreads(const char* file, int line);
 void grid_sync(const char* file, int line);
+// The cluster barrier (barrier.cluster.arrive / .wait): a phase completes when every thread of
+// the cluster's blocks has arrived; wait returns once the phase the thread arrived at is complete.
+void cluster_arrive(const char* file, int line);
+void cluster_wait(const char* file, int line);
+unsigned cluster_rank(const char* file, int line);
+dim3 cluster_dims(const char* file, int line);
+// DSMEM: `addr` in the calling block's dynamic shared memory, mapped to the same offset in the
+// dynamic shared memory of the cluster's block `rank`.
+void* map_shared(void* addr, unsigned rank, const char* file, int line);
 // A warp collective over the lanes of `mask`: a rendezvous of those lanes; returns this lane's
 // result (the source lane's bits for shuffles, the vote for ballot/any/all).
 uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t bits, int arg, int width, const char* file, int line);
@@ -77,8 +86,9 @@ T shuffle(WarpOp op, unsigned mask, T v, int arg, int width, const char* file, i
 
 #define threadIdx (::cuda_emu::current_coords->thread)
 #define blockIdx (::cuda_emu::current_coords->block)
-#define blockDim (::cuda_emu::current_coords->block_dim)
-#define gridDim (::cuda_emu::current_coords->grid_dim)
+// Variables, not macros, so that cudaLaunchConfig_t can have members of these names; the
+// scheduler sets them with current_coords.
+extern thread_local dim3 blockDim, gridDim;
 
 inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   cuda_emu::syncthreads(file, line);
@@ -156,12 +166,38 @@ enum cudaError_t : int {
   cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
   cudaErrorInvalidDeviceFunction = 98,
+  cudaErrorLaunchOutOfResources = 701,
   cudaErrorCooperativeLaunchTooLarge = 720,
+  cudaErrorInvalidClusterSize = 912,
 };
 using cudaError = cudaError_t;
 using cudaStream_t = struct CUstream_st*;
 
-enum cudaFuncAttribute : int { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaFuncAttribute : int {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributeNonPortableClusterSizeAllowed = 14,
+};
+
+// Launch attributes: only the cluster dimension is modelled.
+enum cudaLaunchAttributeID : int { cudaLaunchAttributeClusterDimension = 4 };
+union cudaLaunchAttributeValue {
+  struct {
+    unsigned x, y, z;
+  } clusterDim;
+  char pad[64];
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  char pad[8 - sizeof(cudaLaunchAttributeID)];
+  cudaLaunchAttributeValue val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim, blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned numAttrs;
+};
 
 // The fields of cudaDeviceProp that the harness models.
 struct cudaDeviceProp {
@@ -172,6 +208,7 @@ struct cudaDeviceProp {
   int warpSize;
   size_t sharedMemPerBlock, sharedMemPerBlockOptin, sharedMemPerMultiprocessor, reservedSharedMemPerBlock;
   int cooperativeLaunch;
+  int clusterLaunch;
 };
 
 const char* cudaGetErrorString(cudaError_t e);
@@ -192,17 +229,34 @@ namespace cuda_emu {
 const cudaDeviceProp& device();
 // Test hook: change the emulated device (host code that caches per-device answers keeps them).
 void set_device_limits(int sms, size_t smem_per_block_optin);
+// Test hook: the largest cluster the device schedules with the non-portable attribute (16 on an
+// H100; 8 models a device that refuses non-portable sizes).
+void set_max_cluster_size(int blocks);
 
 struct LaunchConfig {
   const void* kernel;
   dim3 grid, block;
   size_t smem;
   bool cooperative;
+  dim3 cluster = dim3(1, 1, 1);
 };
 // Runs `body` on every CUDA thread of the launch; returns the error CUDA would.
 cudaError_t launch(const LaunchConfig& config, const std::function<void()>& body);
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
+cudaError_t set_nonportable_cluster(const void* kernel, int allowed);
 int max_active_blocks(const void* kernel, int threads, size_t smem);
+// Clusters of this shape that can be resident at once (0: none, the size is refused or too big).
+int max_active_clusters(const void* kernel, int threads, size_t smem, dim3 cluster);
+// The cluster dimension of a launch configuration ((1, 1, 1) without the attribute).
+inline dim3 cluster_of(const cudaLaunchConfig_t& c) {
+  for (unsigned i = 0; i < c.numAttrs; ++i) {
+    if (c.attrs[i].id == cudaLaunchAttributeClusterDimension) {
+      const auto& d = c.attrs[i].val.clusterDim;
+      return dim3(d.x, d.y, d.z);
+    }
+  }
+  return dim3(1, 1, 1);
+}
 void set_last_error(cudaError_t e);
 unsigned char* dynamic_shared_memory();
 
@@ -227,10 +281,29 @@ cudaError_t cudaLaunchCooperativeKernel(void (*kernel)(P...), dim3 grid, dim3 bl
                           [&] { std::apply(kernel, params); });
 }
 
+// The arguments are converted to the kernel's parameter types, as CUDA's template does.
+template <class... P, class... A>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(P...), A&&... args) {
+  std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
+  cuda_emu::LaunchConfig c{reinterpret_cast<const void*>(kernel), config->gridDim, config->blockDim,
+                           config->dynamicSmemBytes, false, cuda_emu::cluster_of(*config)};
+  return cuda_emu::launch(c, [&] { std::apply(kernel, params); });
+}
+
+template <class... P>
+cudaError_t cudaOccupancyMaxActiveClusters(int* n, void (*kernel)(P...), const cudaLaunchConfig_t* config) {
+  const dim3 b = config->blockDim;
+  *n = cuda_emu::max_active_clusters(reinterpret_cast<const void*>(kernel), static_cast<int>(b.x * b.y * b.z),
+                                     config->dynamicSmemBytes, cuda_emu::cluster_of(*config));
+  return cudaSuccess;
+}
+
 template <class... P>
 cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
-  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
-  return cuda_emu::set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), value);
+  const void* k = reinterpret_cast<const void*>(kernel);
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) return cuda_emu::set_max_dynamic_smem(k, value);
+  if (attr == cudaFuncAttributeNonPortableClusterSizeAllowed) return cuda_emu::set_nonportable_cluster(k, value);
+  return cudaErrorInvalidValue;
 }
 
 template <class... P>

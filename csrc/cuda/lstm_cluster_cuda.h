@@ -1,0 +1,33 @@
+// The cluster-resident LSTM forward (persistent kernel v2, issue 10): thread-block clusters hold
+// W_hh on chip, tensor cores compute the gates, h_t crosses the cluster's blocks over DSMEM.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <string>
+
+#include "../fastlstm/step_args.h"
+
+namespace fastlstm::cuda {
+
+// How the cluster kernel splits a layer, or why it cannot run it.
+struct ClusterPlan {
+  bool ok = false;
+  std::string reason;
+  int cluster = 0;           // blocks per cluster (16 with the non-portable attribute, else 8)
+  int units_per_block = 0;   // hidden units owned by a block (all four gates of each)
+  int rows_per_cluster = 0;  // batch rows a cluster runs (a multiple of 8: the mma's N)
+  int clusters = 0;          // independent clusters, one batch slice each
+  int threads = 0;
+  size_t smem_bytes = 0;
+};
+
+// bfloat16 / float16 only, no projection (the caller checks proj_size).
+ClusterPlan cluster_plan(int64_t H, int64_t B, c10::ScalarType dtype, int device);
+
+// Half types only: the forward of a chunk, same semantics and saved tensors as persistent_forward.
+template <class scalar_t, class acc_t>
+void cluster_forward(const ChunkRecurrenceArgs<scalar_t, acc_t>& a);
+
+}  // namespace fastlstm::cuda
