@@ -154,20 +154,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint16_t* hnext = hbuf + ((i + 1) % 2) * Np * L.ldh;
 
     // 1. The gate pre-activations' recurrent part on the tensor cores, a warp per 16x8 tile.
+    // Two accumulators (even and odd k tiles) halve the chain of dependent mma instructions.
     for (int item = warp; item < mtiles * ntiles; item += kWarps) {
       const int mt = item % mtiles, nt = item / mtiles;
-      FragmentC acc = {};
-      for (int kt = 0; kt < ktiles; ++kt) {
-        const FragmentA fa = load_fragment_a(w + mt * 16 * L.ldw + kt * 16, L.ldw);
-        const FragmentB fb = load_fragment_b(hcur + nt * 8 * L.ldh + kt * 16, L.ldh);
-        mma_m16n8k16<kIn>(acc, fa, fb, acc);
+      const uint16_t* w_tile = w + mt * 16 * L.ldw;
+      const uint16_t* h_tile = hcur + nt * 8 * L.ldh;
+      FragmentC even = {}, odd = {};
+#pragma unroll 2
+      for (int kt = 0; kt < ktiles; kt += 2) {
+        mma_m16n8k16<kIn>(even, load_fragment_a(w_tile + kt * 16, L.ldw), load_fragment_b(h_tile + kt * 16, L.ldh),
+                          even);
+        if (kt + 1 < ktiles) {  // warp-uniform: the warp stays converged for the mma
+          mma_m16n8k16<kIn>(odd, load_fragment_a(w_tile + (kt + 1) * 16, L.ldw),
+                            load_fragment_b(h_tile + (kt + 1) * 16, L.ldh), odd);
+        }
       }
       // Stored transposed (row-major in the batch row) so the cell reads consecutive units.
       const int m = mt * 16 + lane / 4, n = nt * 8 + 2 * (lane % 4);
-      pre[n * L.ldp + m] = acc.reg[0];
-      pre[(n + 1) * L.ldp + m] = acc.reg[1];
-      pre[n * L.ldp + m + 8] = acc.reg[2];
-      pre[(n + 1) * L.ldp + m + 8] = acc.reg[3];
+      pre[n * L.ldp + m] = even.reg[0] + odd.reg[0];
+      pre[(n + 1) * L.ldp + m] = even.reg[1] + odd.reg[1];
+      pre[n * L.ldp + m + 8] = even.reg[2] + odd.reg[2];
+      pre[(n + 1) * L.ldp + m + 8] = even.reg[3] + odd.reg[3];
     }
     __syncthreads();
 

@@ -454,8 +454,9 @@ TEST(results_are_bitwise_reproducible) {
   const cudaDeviceProp saved = cuda_emu::device();
   cuda_emu::set_device_limits(4, saved.sharedMemPerBlockOptin);  // the partition into blocks is fixed
   uint64_t digest = 1469598103934665603ull;  // FNV-1a over every result's bytes
-  for (const std::string& backend : {"stepwise", "persistent"}) {
+  for (const std::string& backend : {"stepwise", "persistent", "cluster"}) {
     for (at::ScalarType dtype : kDtypes) {
+      if (backend == "cluster" && dtype != at::kHalf && dtype != at::kBFloat16) continue;
       Case c;
       c.dtype = dtype;
       c.backend = backend;
