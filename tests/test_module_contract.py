@@ -587,14 +587,15 @@ def test_setting_an_option_attribute_updates_options():
     assert ours.options.tbptt_chunk is None
 
 
+@pytest.mark.parametrize("backend", ["persistent", "cluster"])
 @pytest.mark.parametrize("where", ["constructor", "per_call"])
-def test_persistent_backend_on_cpu_mentions_cuda(where):
+def test_cuda_only_backend_on_cpu_mentions_cuda(where, backend):
     x = torch.randn(3, 2, 4)
     with pytest.raises((RuntimeError, ValueError)) as info:
         if where == "constructor":
-            fastlstm.LSTM(4, 5, backend="persistent")(x)
+            fastlstm.LSTM(4, 5, backend=backend)(x)
         else:
-            fastlstm.LSTM(4, 5)(x, backend="persistent")
+            fastlstm.LSTM(4, 5)(x, backend=backend)
     assert "CUDA" in str(info.value)
     assert "fused_recurrence" not in str(info.value)
 

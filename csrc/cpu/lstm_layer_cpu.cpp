@@ -116,10 +116,11 @@ at::ScalarType compute_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
+// The CUDA-only backends are refused, not silently replaced by the CPU path.
 void check_backend(std::string_view backend) {
-  TORCH_CHECK(parse_backend(backend) != Backend::Persistent,
-              "fastlstm: backend='persistent' needs a CUDA device; the input is on the CPU "
-              "(use backend='auto' or 'stepwise')");
+  const Backend b = parse_backend(backend);
+  TORCH_CHECK(b != Backend::Persistent && b != Backend::Cluster, "fastlstm: backend='", std::string(backend),
+              "' needs a CUDA device; the input is on the CPU (use backend='auto' or 'stepwise')");
 }
 
 ForwardOut layer_forward(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
