@@ -48,7 +48,7 @@ class Variant:
     sanitize: list[str] = field(default_factory=list)
 
 
-PLAIN = Variant("plain", ["-O1", "-g"])
+PLAIN = Variant("plain", ["-O1"])  # no -g: it costs compile time; the sanitizer build has it
 SANITIZED = Variant("asan", ["-O1", "-g"], ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
                                             "-fno-sanitize-recover=undefined"])
 
