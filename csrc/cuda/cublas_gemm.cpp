@@ -92,12 +92,7 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, const S* A, const S* B, C* out, bo
 #define FASTLSTM_INSTANTIATE(S, C)                                                                \
   template void gemm_nt<S, C>(int64_t, int64_t, int64_t, const S*, const S*, C*, bool);           \
   template void gemm_nn<S, C>(int64_t, int64_t, int64_t, const S*, const S*, C*, bool);
-FASTLSTM_INSTANTIATE(float, float)
-FASTLSTM_INSTANTIATE(double, double)
-FASTLSTM_INSTANTIATE(c10::Half, float)
-FASTLSTM_INSTANTIATE(c10::Half, c10::Half)
-FASTLSTM_INSTANTIATE(c10::BFloat16, float)
-FASTLSTM_INSTANTIATE(c10::BFloat16, c10::BFloat16)
+FASTLSTM_FOR_EACH_GEMM_TYPE(FASTLSTM_INSTANTIATE)
 #undef FASTLSTM_INSTANTIATE
 
 }  // namespace fastlstm::cuda

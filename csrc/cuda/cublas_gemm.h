@@ -14,4 +14,13 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const S* A, const S* B, C* out, bo
 template <class S, class C>
 void gemm_nn(int64_t M, int64_t N, int64_t K, const S* A, const S* B, C* out, bool accumulate);
 
+// The (S, C) pairs the step loop uses; every implementation of these products instantiates them.
+#define FASTLSTM_FOR_EACH_GEMM_TYPE(X) \
+  X(float, float)                      \
+  X(double, double)                    \
+  X(c10::Half, float)                  \
+  X(c10::Half, c10::Half)              \
+  X(c10::BFloat16, float)              \
+  X(c10::BFloat16, c10::BFloat16)
+
 }  // namespace fastlstm::cuda

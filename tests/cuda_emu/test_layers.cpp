@@ -142,6 +142,18 @@ std::vector<Tensor> compare(const Case& c) {
   return results;
 }
 
+// Changes the emulated device for one test and restores it on the way out, exceptions included.
+class DeviceLimits {
+ public:
+  DeviceLimits() : saved_(cuda_emu::device()) {}
+  ~DeviceLimits() { set(saved_.multiProcessorCount, saved_.sharedMemPerBlockOptin); }
+  void set(int sms, size_t smem) { cuda_emu::set_device_limits(sms, smem); }
+  const cudaDeviceProp& saved() const { return saved_; }
+
+ private:
+  const cudaDeviceProp saved_;
+};
+
 const at::ScalarType kDtypes[] = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
 const char* const kBackends[] = {"stepwise", "persistent"};
 
@@ -286,12 +298,12 @@ TEST(wider_layer) {
 // rows at a time (the forward a few more), so both kernels loop over batch tiles. The hidden
 // size is used by no other test: the kernels' host code caches its launch plan per shape.
 TEST(persistent_batch_tiling) {
-  const cudaDeviceProp saved = cuda_emu::device();
+  DeviceLimits limits;
   const int64_t H = 13, B = 14;
   for (at::ScalarType dtype : kDtypes) {
     size_t smem = 64 * 1024;
     for (;; smem -= 256) {
-      cuda_emu::set_device_limits(3, smem);
+      limits.set(3, smem);
       const fastlstm::cuda::PersistentPlan b = fastlstm::cuda::persistent_plan(H, B, dtype, 0, true);
       EXPECT(b.ok, b.reason);
       if (!b.ok || b.batch_tile <= 2) break;
@@ -307,18 +319,17 @@ TEST(persistent_batch_tiling) {
     c.tbptt = 3;
     compare(c);
   }
-  cuda_emu::set_device_limits(saved.multiProcessorCount, saved.sharedMemPerBlockOptin);
 }
 
 // One SM (a block owns every unit) and more SMs than units per block would need.
 TEST(persistent_sm_counts) {
-  const cudaDeviceProp saved = cuda_emu::device();
+  DeviceLimits limits;
   struct Setting {
     int sms;
     int64_t H, B;
   };
   for (const Setting& s : {Setting{1, 17, 4}, Setting{16, 33, 3}}) {
-    cuda_emu::set_device_limits(s.sms, saved.sharedMemPerBlockOptin);
+    limits.set(s.sms, limits.saved().sharedMemPerBlockOptin);
     for (at::ScalarType dtype : kDtypes) {
       Case c;
       c.dtype = dtype;
@@ -329,7 +340,6 @@ TEST(persistent_sm_counts) {
       compare(c);
     }
   }
-  cuda_emu::set_device_limits(saved.multiProcessorCount, saved.sharedMemPerBlockOptin);
 }
 
 // ---- backend "cluster": the cluster kernel's forward, the persistent backward ----
@@ -381,8 +391,8 @@ TEST(cluster_checkpointing_and_inference_chunks) {
 // Several clusters (one batch slice each, the last one partial), a hidden size that is not a
 // multiple of 16 (K padded) and not of the cluster size (the last blocks own fewer or no units).
 TEST(cluster_several_slices_odd_sizes) {
-  const cudaDeviceProp saved = cuda_emu::device();
-  cuda_emu::set_device_limits(16, saved.sharedMemPerBlockOptin);  // room for 8 resident clusters of 16
+  DeviceLimits limits;
+  limits.set(16, limits.saved().sharedMemPerBlockOptin);  // room for 8 resident clusters of 16
   for_each_half([](Case& c) {
     c.H = 40;
     c.B = 21;
@@ -400,7 +410,6 @@ TEST(cluster_several_slices_odd_sizes) {
     const fastlstm::cuda::ClusterPlan p = plan_of(c);
     EXPECT(p.ok && p.clusters == 2 && p.units_per_block == 5, p.reason);
   });
-  cuda_emu::set_device_limits(saved.multiProcessorCount, saved.sharedMemPerBlockOptin);
 }
 
 // A device that refuses non-portable cluster sizes: clusters of 8.
@@ -438,21 +447,20 @@ TEST(cluster_refuses_clearly) {
   why = refusal(c);
   EXPECT(why.find("does not support proj_size > 0") != std::string::npos, why);
   // W_hh beyond the shared memory of 16 blocks (this version keeps it there).
-  const cudaDeviceProp saved = cuda_emu::device();
-  cuda_emu::set_device_limits(saved.multiProcessorCount, 8 * 1024);
+  DeviceLimits limits;
+  limits.set(limits.saved().multiProcessorCount, 8 * 1024);
   c.P = 0;
   c.H = 64;
   why = refusal(c);
   EXPECT(why.find("W_hh does not fit on chip") != std::string::npos, why);
-  cuda_emu::set_device_limits(saved.multiProcessorCount, saved.sharedMemPerBlockOptin);
 }
 
 // Bitwise reproducibility: no atomics in any reduction, fixed reduction orders. The digest printed
 // here is compared by run.py across the runs of different schedules: a result that depended on
 // the order in which threads or blocks ran would differ between them.
 TEST(results_are_bitwise_reproducible) {
-  const cudaDeviceProp saved = cuda_emu::device();
-  cuda_emu::set_device_limits(4, saved.sharedMemPerBlockOptin);  // the partition into blocks is fixed
+  DeviceLimits limits;
+  limits.set(4, limits.saved().sharedMemPerBlockOptin);  // the partition into blocks is fixed
   uint64_t digest = 1469598103934665603ull;  // FNV-1a over every result's bytes
   for (const std::string& backend : {"stepwise", "persistent", "cluster"}) {
     for (at::ScalarType dtype : kDtypes) {
@@ -476,7 +484,6 @@ TEST(results_are_bitwise_reproducible) {
     }
   }
   std::printf("digest %016llx\n", static_cast<unsigned long long>(digest));
-  cuda_emu::set_device_limits(saved.multiProcessorCount, saved.sharedMemPerBlockOptin);
 }
 
 }  // namespace
