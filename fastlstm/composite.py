@@ -15,7 +15,8 @@ exactly (almost everywhere):
   ``.detach()`` between them, which treats the detached state as a constant);
 * a clamped element u -> clamp(u, -c, c) (recurrent carries, or gate gradients dG) has derivative
   1 where -c <= u <= c (torch.clamp's convention at the bounds) and 0 where it was clipped; which
-  elements are clipped is piecewise constant and not differentiated.
+  elements are clipped is piecewise constant and not differentiated;
+* a per-sample reset multiplies the state by 0, so nothing crosses it, in any order.
 
 Speed is not the goal: a Python loop over the time steps, every step's values kept.
 """
@@ -53,23 +54,24 @@ class _Step(NamedTuple):
     g: Tensor
     o: Tensor
     c: Tensor       # c_t of the cell
-    c_prev: Tensor
+    c_prev: Tensor  # the states the step read (zero after a reset)
     r_prev: Tensor
     h: Tensor       # the cell's h_t, before the projection
 
 
 def layer_gradients(grad_y: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None, x: Tensor,
                     w_ih: Tensor, w_hh: Tensor, bias: Tensor | None, w_hr: Tensor | None, h0: Tensor, c0: Tensor,
-                    lengths: Tensor | None, *, reverse: bool, tbptt_chunk: int, clip_recurrent: float,
-                    clip_gates: float) -> LayerGradients:
+                    lengths: Tensor | None, reset: Tensor | None, *, reverse: bool, tbptt_chunk: int,
+                    clip_recurrent: float, clip_gates: float) -> LayerGradients:
     """The gradient ``fastlstm::layer_backward`` computes, as a differentiable function of every argument.
 
     Shapes as ``fastlstm.ops.lstm_layer``; grad_y (T, B, K), grad_h_n (B, K), grad_c_n (B, H), None
-    for zero. tbptt_chunk, clip_recurrent, clip_gates: 0 disables.
+    for zero; reset (T, B) bool or None. tbptt_chunk, clip_recurrent, clip_gates: 0 disables.
     """
     T, B = x.shape[0], x.shape[1]
     n = lengths.view(B, 1) if lengths is not None else torch.full((B, 1), T, dtype=torch.int64, device=x.device)
-    steps = _forward(x, w_ih, w_hh, bias, w_hr, h0, c0, n, reverse)
+    zeroed = _zeroed_before(reset, n, reverse)
+    steps = _forward(x, w_ih, w_hh, bias, w_hr, h0, c0, n, zeroed, reverse)
     carry_h = grad_h_n if grad_h_n is not None else h0.new_zeros(h0.shape)
     carry_c = grad_c_n if grad_c_n is not None else c0.new_zeros(c0.shape)
     dgates: list[Tensor | None] = [None] * T
@@ -99,6 +101,8 @@ def layer_gradients(grad_y: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Te
         carry_h = torch.where(st.live, dg @ w_hh, carry_h)
         carry_c = torch.where(st.live, dc * st.f, carry_c)
         cut, clamp = _carry_rule(p, st.t, reverse, n, tbptt_chunk, clip_recurrent)
+        if zeroed is not None:  # the state this step read was zeroed by a reset: nothing flows back
+            cut = cut | zeroed[st.t]
         carry_h, carry_c = (_receive(carry, cut, clamp, clip_recurrent) for carry in (carry_h, carry_c))
     dG = torch.stack(dgates)  # (T, B, 4H), indexed by time
     r_prev = torch.stack([steps[p].r_prev for p in _positions_by_time(T, reverse)])
@@ -110,7 +114,20 @@ def layer_gradients(grad_y: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Te
     return LayerGradients(dx, dw_ih, dw_hh, dbias, dw_hr, carry_h, carry_c, norms)
 
 
-def _forward(x, w_ih, w_hh, bias, w_hr, h0, c0, n, reverse) -> list[_Step]:
+def _zeroed_before(reset: Tensor | None, n: Tensor, reverse: bool) -> Tensor | None:
+    """(T, B, 1) bool: whether the state entering time t of row b is zero (cell_math.h's resets)."""
+    if reset is None:
+        return None
+    T = reset.shape[0]
+    # The reset at time a cuts the state entering a (forward) or a - 1 (reverse), for 0 < a < n.
+    times = torch.arange(T, device=reset.device).view(T, 1, 1)
+    cut = reset.view(T, -1, 1) & (times > 0) & (times < n)
+    if reverse:
+        cut = torch.cat([cut[1:], torch.zeros_like(cut[:1])])
+    return cut
+
+
+def _forward(x, w_ih, w_hh, bias, w_hr, h0, c0, n, zeroed, reverse) -> list[_Step]:
     """The layer's forward, one _Step per processing position (gate order i, f, g, o as torch)."""
     T = x.shape[0]
     pre_x = x @ w_ih.t()
@@ -121,6 +138,8 @@ def _forward(x, w_ih, w_hh, bias, w_hr, h0, c0, n, reverse) -> list[_Step]:
     for p in range(T):
         t = T - 1 - p if reverse else p
         live = t < n
+        if zeroed is not None:
+            r, c = (torch.where(zeroed[t], torch.zeros_like(s), s) for s in (r, c))
         gi, gf, gg, go = (pre_x[t] + r @ w_hh.t()).chunk(4, dim=1)
         i, f, g, o = torch.sigmoid(gi), torch.sigmoid(gf), torch.tanh(gg), torch.sigmoid(go)
         c_cell = f * c + i * g

@@ -65,6 +65,19 @@ class LSTM(nn.Module):
     Keyword-only extras (see :class:`fastlstm.options.KernelOptions` for exact semantics):
     ``backend``, ``tbptt_chunk``, ``grad_clip``, ``grad_clip_mode``, ``record_grad_norms``,
     ``checkpoint_every``. Each may also be overridden for one call: ``lstm(x, tbptt_chunk=64)``.
+
+    Per-sample state resets, for streams of concatenated episodes: ``lstm(x, hx, reset=r)`` with
+    ``r`` a bool tensor of shape (L, N), (N, L) with ``batch_first=True``, (L,) for unbatched
+    input; for a ``PackedSequence`` input either a ``PackedSequence`` of the same ``batch_sizes``
+    and ``sorted_indices`` (e.g. ``pack_padded_sequence`` of a padded reset with the input's
+    lengths) or a padded (L, N) / (N, L) tensor in the input's batch order. ``r[t, b]`` True starts
+    a new segment of row b at step t. The result (outputs, h_n, c_n and every gradient) equals
+    running every segment of every row as its own sequence, each from zeros except the first in
+    each direction's processing order, which starts from ``hx``: in every layer the forward
+    direction's state entering step t, and the reverse direction's state entering step t - 1, is
+    zeroed when ``r[t, b]``. No gradient crosses a reset; ``r[0]`` and resets on padding change
+    nothing. Runs inside the kernels (no Python loop, no host synchronisation) and combines with
+    every other option (``tbptt_chunk`` still counts steps from the start of the call).
     """
 
     __constants__ = ["mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
@@ -238,7 +251,7 @@ class LSTM(nn.Module):
             raise RuntimeError(f"Expected hidden[1] size {expected_c}, got {list(hx[1].size())}")
 
     def forward(self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None, *,
-                backend: str = _KEEP, tbptt_chunk: int | None = _KEEP, grad_clip: float | None = _KEEP,
+                reset: Tensor | PackedSequence | None = None, backend: str = _KEEP, tbptt_chunk: int | None = _KEEP, grad_clip: float | None = _KEEP,
                 grad_clip_mode: str = _KEEP, record_grad_norms: bool = _KEEP,
                 checkpoint_every: int | None = _KEEP) -> tuple[Any, tuple[Tensor, Tensor]]:
         overrides = {k: v for k, v in (("backend", backend), ("tbptt_chunk", tbptt_chunk),
@@ -289,6 +302,8 @@ class LSTM(nn.Module):
             data, hx, weights = data.to(dtype), (hx[0].to(dtype), hx[1].to(dtype)), [w.to(dtype) for w in weights]
 
         lengths = flat_index = None
+        if reset is not None:
+            reset = _time_major_reset(reset, input, data, is_batched, self.batch_first)
         if packed:
             if batch_sizes.numel() == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
@@ -298,12 +313,16 @@ class LSTM(nn.Module):
             lengths = live.sum(0).to(data.device)
             flat_index = live.flatten().nonzero().squeeze(1).to(data.device)
             x = data.new_zeros(T * batch, data.size(-1)).index_copy(0, flat_index, data).view(T, batch, -1)
+            if isinstance(reset, PackedSequence):
+                reset = reset.data.new_zeros(T * batch).index_copy(0, flat_index, reset.data).view(T, batch)
+            elif reset is not None and sorted_indices is not None:
+                reset = reset.index_select(1, sorted_indices)
         else:
             x = data.transpose(0, 1) if self.batch_first else data
             if x.size(0) == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
-        y, h_n, c_n = self._run_layers(x, hx, lengths, weights, options)
+        y, h_n, c_n = self._run_layers(x, hx, lengths, reset, weights, options)
 
         if packed:
             output: Any = PackedSequence(y.reshape(-1, y.size(-1)).index_select(0, flat_index), batch_sizes,
@@ -317,8 +336,8 @@ class LSTM(nn.Module):
             h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
         return output, (h_n, c_n)
 
-    def _run_layers(self, x: Tensor, hx: tuple[Tensor, Tensor], lengths: Tensor | None, weights: list[Tensor],
-                    options: KernelOptions) -> tuple[Tensor, Tensor, Tensor]:
+    def _run_layers(self, x: Tensor, hx: tuple[Tensor, Tensor], lengths: Tensor | None, reset: Tensor | None,
+                    weights: list[Tensor], options: KernelOptions) -> tuple[Tensor, Tensor, Tensor]:
         directions = 2 if self.bidirectional else 1
         per_layer = len(weights) // (self.num_layers * directions)
         layer_options = options.layer_options()
@@ -340,7 +359,7 @@ class LSTM(nn.Module):
                 bias = w[2] + w[3] if self.bias else None
                 w_hr = w[-1] if self.proj_size > 0 else None
                 y, h, c = lstm_layer(layer_input, w_ih, w_hh, bias, w_hr, hx[0][index], hx[1][index], lengths,
-                                     reverse=direction == 1, options=layer_options,
+                                     reset, reverse=direction == 1, options=layer_options,
                                      norm_probe=None if probe is None else probe[layer, direction])
                 outputs.append(y)
                 h_n.append(h)
@@ -481,6 +500,51 @@ class LSTMCell(nn.Module):
         _share_parameters(self, new)
         new.train(self.training)
         return new
+
+
+def _time_major_reset(reset: Any, input: Tensor | PackedSequence, data: Tensor, is_batched: bool,
+                      batch_first: bool) -> Tensor | PackedSequence:
+    """``reset`` checked against the input: a contiguous (T, N) bool tensor, or for packed input
+    a checked PackedSequence or a (T, N) tensor in the input's batch order."""
+    if isinstance(input, PackedSequence):
+        batch_sizes = input.batch_sizes
+        T, N = batch_sizes.numel(), int(batch_sizes[0]) if batch_sizes.numel() else 0
+        if isinstance(reset, PackedSequence):
+            same_order = ((reset.sorted_indices is None) == (input.sorted_indices is None)
+                          and (input.sorted_indices is None
+                               or torch.equal(reset.sorted_indices.cpu(), input.sorted_indices.cpu())))
+            if not torch.equal(reset.batch_sizes, batch_sizes) or not same_order:
+                raise ValueError("reset: a PackedSequence reset must be packed like the input (same batch_sizes "
+                                 "and sorted_indices), e.g. pack_padded_sequence(reset, lengths, "
+                                 "enforce_sorted=...) with the input's lengths")
+            _check_reset_tensor(reset.data, (data.size(0),), "packed like the input", data.device)
+            return reset
+        expected = (N, T) if batch_first else (T, N)
+        what = "(N, L) with batch_first=True" if batch_first else "(L, N)"
+    else:  # data is (T, N, I), or (N, T, I) with batch_first; N = 1 for unbatched input
+        T, N = (data.size(1), data.size(0)) if batch_first else (data.size(0), data.size(1))
+        if is_batched:
+            expected = (N, T) if batch_first else (T, N)
+            what = "(N, L) with batch_first=True" if batch_first else "(L, N)"
+        else:
+            expected, what = (T,), "(L,) for unbatched input"
+    _check_reset_tensor(reset, expected, what, data.device)
+    if not is_batched:
+        reset = reset.view(T, 1)
+    elif batch_first:
+        reset = reset.t()
+    return reset.contiguous()
+
+
+def _check_reset_tensor(reset: Any, expected: tuple[int, ...], what: str, device: torch.device) -> None:
+    if not isinstance(reset, Tensor):
+        raise TypeError(f"reset must be a bool tensor or None, got {type(reset).__name__}")
+    if reset.dtype != torch.bool:
+        raise TypeError(f"reset must be a bool tensor, got dtype {reset.dtype}")
+    if tuple(reset.shape) != expected:
+        raise ValueError(f"reset must have shape {what}: expected {list(expected)}, got {list(reset.shape)}")
+    if reset.device != device:
+        raise RuntimeError(f"reset must be on the input's device ({device}), got {reset.device}")
 
 
 def reject_parametrized(module: nn.Module) -> None:

@@ -24,7 +24,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.register_fake("fastlstm::layer_forward")
-def _layer_forward_fake(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, norm_probe, reverse,
+def _layer_forward_fake(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reset, norm_probe, reverse,
                         checkpoint_every, tbptt_chunk, grad_clip, grad_clip_mode, backend):
     T, B, _ = x.shape
     H, K = w_hh.shape[0] // 4, w_hh.shape[1]
@@ -45,12 +45,12 @@ def _layer_forward_fake(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, norm_probe, 
     else:
         gates = x.new_empty((T, B, 4 * H), dtype=acc)
         saved_c = x.new_empty((T, B, H), dtype=acc)
-        saved_r = x.new_empty((T, B, K) if lengths is not None else (0,))
+        saved_r = x.new_empty((T, B, K) if lengths is not None or reset is not None else (0,))
     return y, h_n, c_n, gates, saved_c, saved_r
 
 
 @torch.library.register_fake("fastlstm::layer_backward")
-def _layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, y,
+def _layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reset, y,
                          saved_gates, saved_c, saved_r, reverse, checkpoint_every, tbptt_chunk,
                          grad_clip, grad_clip_mode, record_norms, input_grad, backend):
     T = x.shape[0]
@@ -67,10 +67,10 @@ def _layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, bias, w_hr, 
 
 
 def _setup_context(ctx, inputs, output):
-    (x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, norm_probe, reverse, checkpoint_every,
+    (x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reset, norm_probe, reverse, checkpoint_every,
      tbptt_chunk, grad_clip, grad_clip_mode, backend) = inputs
     y, _, _, saved_gates, saved_c, saved_r = output
-    ctx.save_for_backward(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, y, saved_gates, saved_c, saved_r)
+    ctx.save_for_backward(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reset, y, saved_gates, saved_c, saved_r)
     ctx.options = (reverse, checkpoint_every, tbptt_chunk, grad_clip, grad_clip_mode)
     ctx.backend = backend
     ctx.record_norms = norm_probe is not None
@@ -81,14 +81,14 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_unused):
     if torch.is_grad_enabled():
         # create_graph=True: the kernels' gradient would have no derivative.
         return _composite_backward(ctx, grad_y, grad_h_n, grad_c_n)
-    x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, y, saved_gates, saved_c, saved_r = ctx.saved_tensors
+    x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reset, y, saved_gates, saved_c, saved_r = ctx.saved_tensors
     reverse, checkpoint_every, tbptt_chunk, grad_clip, grad_clip_mode = ctx.options
     dx, dw_ih, dw_hh, dbias, dw_hr, dh0, dc0, norms = _layer_backward(
-        grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, y, saved_gates,
+        grad_y, grad_h_n, grad_c_n, x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reset, y, saved_gates,
         saved_c, saved_r, reverse, checkpoint_every, tbptt_chunk, grad_clip, grad_clip_mode,
         ctx.record_norms, ctx.needs_input_grad[0], ctx.backend)
     return (dx if ctx.needs_input_grad[0] else None, dw_ih, dw_hh, dbias if bias is not None else None,
-            dw_hr if w_hr is not None else None, dh0, dc0, None, norms if ctx.record_norms else None,
+            dw_hr if w_hr is not None else None, dh0, dc0, None, None, norms if ctx.record_norms else None,
             None, None, None, None, None, None)
 
 
@@ -99,17 +99,17 @@ def _composite_backward(ctx, grad_y, grad_h_n, grad_c_n):
     projection) with ATen ops. Same first-order values as the kernels up to rounding; the norms
     (when recorded) are those of this first-order gradient and carry no graph.
     """
-    x, w_ih, w_hh, bias, w_hr, h0, c0, lengths = ctx.saved_tensors[:8]
+    x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reset = ctx.saved_tensors[:9]
     reverse, _, tbptt_chunk, grad_clip, grad_clip_mode = ctx.options
     acc = _acc_dtype(x.dtype)
     inputs = (x, w_ih, w_hh, bias, w_hr, h0, c0)
     grads = composite.layer_gradients(
         *(g if g is None else g.to(acc) for g in (grad_y, grad_h_n, grad_c_n)),
-        *(t if t is None else t.to(acc) for t in inputs), lengths, reverse=reverse, tbptt_chunk=tbptt_chunk,
+        *(t if t is None else t.to(acc) for t in inputs), lengths, reset, reverse=reverse, tbptt_chunk=tbptt_chunk,
         clip_recurrent=grad_clip if grad_clip_mode == "recurrent" else 0.0,
         clip_gates=grad_clip if grad_clip_mode == "gates" else 0.0)
     result = [g.to(t.dtype) if need else None for g, t, need in zip(grads[:7], inputs, ctx.needs_input_grad)]
-    return (*result, None, grads.norms if ctx.record_norms else None, None, None, None, None, None, None)
+    return (*result, None, None, grads.norms if ctx.record_norms else None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("fastlstm::layer_forward", _backward, setup_context=_setup_context)
@@ -127,8 +127,8 @@ class LayerOptions:
 
 
 def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None, w_hr: Tensor | None,
-               h0: Tensor, c0: Tensor, lengths: Tensor | None = None, *, reverse: bool = False,
-               options: LayerOptions = LayerOptions(), norm_probe: Tensor | None = None
+               h0: Tensor, c0: Tensor, lengths: Tensor | None = None, reset: Tensor | None = None, *,
+               reverse: bool = False, options: LayerOptions = LayerOptions(), norm_probe: Tensor | None = None
                ) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer and direction over a time-major sequence.
 
@@ -138,7 +138,10 @@ def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None, w_hr:
     ``lengths[b]`` on: its output is zero and its state passes through unchanged; the reverse
     direction starts each row at its own last element. Every length must lie in [1, T]: checked
     on the CPU, not on CUDA (the check would synchronise with the host on every call), where
-    lengths outside that range give meaningless results. ``norm_probe`` (2, T), when given,
+    lengths outside that range give meaningless results. ``reset`` (T, B) bool, or None: where
+    ``reset[t, b]`` a new segment of row b starts at time t, whose state starts from zeros (the
+    forward direction's state entering t, the reverse direction's entering t - 1; no gradient
+    crosses it; ``reset[0]`` and resets on padding change nothing). ``norm_probe`` (2, T), when given,
     receives the per-step gradient norms of h and c as its gradient. A backward with
     ``create_graph=True`` computes the gradient with fastlstm.composite, so it is differentiable
     (second order: see that module).
@@ -149,7 +152,7 @@ def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None, w_hr:
         # (same results, memory independent of T).
         checkpoint_every = NO_BACKWARD
     y, h_n, c_n, _, _, _ = _layer_forward(
-        x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, norm_probe, reverse, checkpoint_every,
+        x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reset, norm_probe, reverse, checkpoint_every,
         options.tbptt_chunk, options.grad_clip, options.grad_clip_mode, options.backend)
     return y, h_n, c_n
 

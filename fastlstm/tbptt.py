@@ -44,6 +44,15 @@ API choices (and why)
 * **Sequences that do not fit in memory**: :func:`run_stream` takes an iterable of
   ``(x_piece, y_piece)`` pieces of any lengths (read from disk, generated on the fly...) and keeps
   only the steps the current window needs. :func:`run` is ``run_stream`` over one piece.
+* **Per-sample resets** (streams of concatenated episodes): ``run(..., reset=r)``, or pieces
+  ``(x_piece, y_piece, reset_piece)``; ``r`` is a bool tensor with x's time and batch dimensions,
+  (T, B) or (B, T) with ``batch_first``. The model is then called as
+  ``model(x_window, state, reset=r_window)`` (``fastlstm.LSTM`` accepts it). ``r[t, b]`` zeroes
+  row b's state entering step t, exactly as one ``fastlstm.LSTM`` call over the whole sequence
+  with ``reset=r`` (step 0 keeps the given ``state``, as the module keeps ``hx``): inside a window
+  the kernels do it; at a window's first step :func:`run_stream` zeroes those rows of the carried
+  state, whose tensors must then hold the batch in dimension -2 (the (layers, B, H) layout of
+  nn.LSTM's state). No gradient crosses a reset.
 * **Progress**: a tqdm bar (``progress=None`` shows it on runs of 100 updates or more; tqdm is
   optional: without it the run continues silently, with a warning if ``progress=True`` asked).
 
@@ -271,7 +280,7 @@ def _resolve_batch_first(model: Any, batch_first: bool | None) -> bool:
 def run(model: Model, x: Tensor, y: Tensor, loss_fn: LossFn, optimizer: torch.optim.Optimizer, *, k1: int,
         k2: int | None = None, batch_first: bool | None = None, state: State = None,
         progress: bool | None = None, max_grad_norm: float | None = None,
-        on_update: Callable[[int, Tensor], None] | None = None) -> TBPTTResult:
+        on_update: Callable[[int, Tensor], None] | None = None, reset: Tensor | None = None) -> TBPTTResult:
     """Trains ``model`` on one long sequence with TBPTT(k1, k2) (exact semantics: module docstring).
 
     Args:
@@ -293,6 +302,8 @@ def run(model: Model, x: Tensor, y: Tensor, loss_fn: LossFn, optimizer: torch.op
         max_grad_norm: if given, ``torch.nn.utils.clip_grad_norm_`` of the optimizer's
             parameters to this value before each step.
         on_update: called after each optimizer step as ``on_update(u, loss)`` (loss detached).
+        reset: per-sample state resets, bool (T, B), or (B, T) with ``batch_first``, or None
+            (module docstring, "Per-sample resets").
 
     Returns:
         A :class:`TBPTTResult`: per-update losses and step counts, the final detached state.
@@ -307,7 +318,14 @@ def run(model: Model, x: Tensor, y: Tensor, loss_fn: LossFn, optimizer: torch.op
     if x.shape[dim] != y.shape[dim]:
         raise ValueError(f"x and y must have the same number of time steps (dimension {dim}), got {x.shape[dim]} "
                          f"and {y.shape[dim]}")
-    return run_stream(model, [(x, y)], loss_fn, optimizer, k1=k1, k2=k2, batch_first=dim == 1, state=state,
+    if reset is not None:
+        if not isinstance(reset, Tensor):
+            raise TypeError(f"reset must be a bool tensor or None, got {type(reset).__name__}")
+        if reset.dim() != 2 or reset.shape[dim] != x.shape[dim]:
+            raise ValueError(f"reset must be a bool tensor of shape {'(B, T)' if dim else '(T, B)'} with T = "
+                             f"{x.shape[dim]} time steps, got shape {tuple(reset.shape)}")
+    pieces = [(x, y)] if reset is None else [(x, y, reset)]
+    return run_stream(model, pieces, loss_fn, optimizer, k1=k1, k2=k2, batch_first=dim == 1, state=state,
                       progress=progress, total_steps=x.shape[dim], max_grad_norm=max_grad_norm,
                       on_update=on_update)
 
@@ -317,7 +335,9 @@ def run_stream(model: Model, stream: Iterable[tuple[Tensor, Tensor]], loss_fn: L
                batch_first: bool | None = None, state: State = None, progress: bool | None = None,
                total_steps: int | None = None, max_grad_norm: float | None = None,
                on_update: Callable[[int, Tensor], None] | None = None) -> TBPTTResult:
-    """:func:`run` over a sequence that arrives in pieces: ``stream`` yields ``(x_piece, y_piece)``.
+    """:func:`run` over a sequence that arrives in pieces: ``stream`` yields ``(x_piece, y_piece)``,
+    or ``(x_piece, y_piece, reset_piece)`` triples for a stream with per-sample resets (every piece
+    then a triple; module docstring, "Per-sample resets").
 
     Pieces may have any number of time steps (each x_piece and its y_piece the same number);
     they are concatenated in time. Only the pieces that overlap the current window are kept (a
@@ -331,7 +351,8 @@ def run_stream(model: Model, stream: Iterable[tuple[Tensor, Tensor]], loss_fn: L
         raise ValueError(f"max_grad_norm must be None or a number > 0, got {max_grad_norm!r}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
-    xs, ys = _TimeBuffer(dim), _TimeBuffer(dim)
+    xs, ys, rs = _TimeBuffer(dim), _TimeBuffer(dim), _TimeBuffer(dim)
+    with_reset: bool | None = None  # fixed by the first piece
     pieces = iter(stream)
     exhausted = False
     result = TBPTTResult(state=detach_state(state))
@@ -349,9 +370,16 @@ def run_stream(model: Model, stream: Iterable[tuple[Tensor, Tensor]], loss_fn: L
                 except StopIteration:
                     exhausted = True
                     break
-                x_piece, y_piece = _check_piece(piece, dim, xs.end)
+                x_piece, y_piece, r_piece = _check_piece(piece, dim, xs.end)
+                if with_reset is None:
+                    with_reset = r_piece is not None
+                elif with_reset != (r_piece is not None):
+                    raise ValueError(f"the piece at step {xs.end} is a {'pair' if with_reset else 'triple'}: "
+                                     "either every piece carries a reset or none does")
                 xs.append(x_piece)
                 ys.append(y_piece)
+                if r_piece is not None:
+                    rs.append(r_piece)
             if xs.end <= new_start:
                 break
             w = _window(u, k1, k2, xs.end)
@@ -360,11 +388,11 @@ def run_stream(model: Model, stream: Iterable[tuple[Tensor, Tensor]], loss_fn: L
             outs = []
             mid = carried
             if w.split > w.start:
-                out, mid = model(xs.window(w.start, w.split), carried)
+                out, mid = _call(model, xs, rs if with_reset else None, w.start, w.split, carried, dim)
                 outs.append(_check_output(out, dim, w.split - w.start))
             final = mid
             if w.end > w.split:
-                out, final = model(xs.window(w.split, w.end), mid)
+                out, final = _call(model, xs, rs if with_reset else None, w.split, w.end, mid, dim)
                 outs.append(_check_output(out, dim, w.end - w.split))
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim)
             out_new = out.narrow(dim, w.new_start - w.start, w.end - w.new_start)
@@ -398,8 +426,8 @@ def run_stream(model: Model, stream: Iterable[tuple[Tensor, Tensor]], loss_fn: L
             u += 1
             if w.end < full_end:  # a short last update: the stream is over
                 break
-            xs.drop_before(w.split)
-            ys.drop_before(w.split)
+            for buffer in (xs, ys, rs):
+                buffer.drop_before(w.split)
     finally:
         if bar is not None:
             bar.close()
@@ -409,16 +437,49 @@ def run_stream(model: Model, stream: Iterable[tuple[Tensor, Tensor]], loss_fn: L
     return result
 
 
-def _check_piece(piece: Any, dim: int, at: int) -> tuple[Tensor, Tensor]:
-    if not (isinstance(piece, (tuple, list)) and len(piece) == 2):
-        raise TypeError("the stream must yield (x_piece, y_piece) pairs of tensors")
-    x, y = piece
-    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise TypeError("the stream must yield (x_piece, y_piece) pairs of tensors")
+def _call(model: Model, xs: _TimeBuffer, rs: _TimeBuffer | None, a: int, b: int, state: State, dim: int
+          ) -> tuple[Any, State]:
+    """The model over steps [a, b) from ``state``, with the resets of those steps when the stream has them."""
+    if rs is None:
+        return model(xs.window(a, b), state)
+    reset = rs.window(a, b)
+    if a > 0 and state is not None:  # the kernels leave a call's first step alone: the reset at a is ours
+        state = _zero_rows(state, reset.select(dim, 0))
+    return model(xs.window(a, b), state, reset=reset)
+
+
+def _zero_rows(state: State, rows: Tensor) -> State:
+    """``state`` with the batch rows where ``rows`` (B,) is True set to zero (batch in dimension -2)."""
+    if isinstance(state, Tensor):
+        if state.dim() < 2 or state.shape[-2] != rows.numel():
+            raise ValueError(f"reset: a state tensor of shape {tuple(state.shape)} does not hold the batch of "
+                             f"{rows.numel()} rows in dimension -2, so its reset rows cannot be zeroed")
+        return torch.where(rows.view(-1, 1), torch.zeros_like(state), state)
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        return type(state)(*(_zero_rows(s, rows) for s in state))
+    if isinstance(state, (tuple, list)):
+        return type(state)(_zero_rows(s, rows) for s in state)
+    if isinstance(state, dict):
+        return {key: _zero_rows(value, rows) for key, value in state.items()}
+    return state
+
+
+def _check_piece(piece: Any, dim: int, at: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    if not (isinstance(piece, (tuple, list)) and len(piece) in (2, 3)):
+        raise TypeError("the stream must yield (x_piece, y_piece) pairs or (x_piece, y_piece, reset_piece) "
+                        "triples of tensors")
+    x, y, reset = (*piece, None) if len(piece) == 2 else piece
+    if not all(isinstance(t, Tensor) for t in (x, y) + ((reset,) if len(piece) == 3 else ())):
+        raise TypeError("the stream must yield (x_piece, y_piece) pairs or (x_piece, y_piece, reset_piece) "
+                        "triples of tensors")
     if x.dim() <= dim or y.dim() <= dim or x.shape[dim] != y.shape[dim]:
         raise ValueError(f"the piece at step {at} has x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)}: "
                          f"both need the same number of time steps in dimension {dim}")
-    return x, y
+    if reset is not None and (reset.dtype != torch.bool or reset.dim() != 2 or reset.shape[dim] != x.shape[dim]):
+        raise ValueError(f"the piece at step {at} has a reset of dtype {reset.dtype} and shape "
+                         f"{tuple(reset.shape)}: it must be bool, 2-D, with x's {x.shape[dim]} time steps in "
+                         f"dimension {dim}")
+    return x, y, reset
 
 
 def _check_output(out: Any, dim: int, steps: int) -> Tensor:

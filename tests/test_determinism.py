@@ -3,7 +3,7 @@
 Outputs, final states, every gradient (input, state, parameters) and the recorded gradient norms
 are compared with torch.equal, for every option combination the CPU offers: both CPU code paths
 (the fused recurrence; the step-by-step one that projections take), truncation, both clipping
-modes, norms, checkpointing, packed input, bidirectional, in float32 (float64 and bfloat16 on
+modes, norms, checkpointing, packed input, per-sample resets, bidirectional, in float32 (float64 and bfloat16 on
 subsets), at sizes where the kernels split work across threads. The double-backward
 (composite) path is deterministic too and checked once.
 """
@@ -38,13 +38,14 @@ def _id(flags) -> str:
     return (f"tbptt={tbptt}-clip={clip}-norms={norms}-ckpt={ckpt}-packed={packed}-bidir={bidir}-proj={proj}")
 
 
-def run(model: fastlstm.LSTM, x: torch.Tensor, lengths: torch.Tensor | None, h0, c0, create_graph=False) -> dict:
+def run(model: fastlstm.LSTM, x: torch.Tensor, lengths: torch.Tensor | None, h0, c0, create_graph=False,
+        reset: torch.Tensor | None = None) -> dict:
     """Everything one forward and backward produce, as {name: tensor}."""
     model.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_()
     h0, c0 = h0.detach().requires_grad_(), c0.detach().requires_grad_()
     inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if lengths is not None else x
-    out, (h, c) = model(inp, (h0, c0))
+    out, (h, c) = model(inp, (h0, c0), reset=reset)
     y = pad_packed_sequence(out, total_length=x.shape[0])[0] if lengths is not None else out
     g = torch.Generator().manual_seed(0)
     loss = sum((t * torch.randn(t.shape, generator=g).to(t.dtype)).sum() for t in (y, h, c))
@@ -95,6 +96,17 @@ def test_two_runs_are_bitwise_identical_float64(flags):
 def test_two_runs_are_bitwise_identical_bfloat16(flags):
     model, data = make(flags, torch.bfloat16)
     assert_identical(run(model, *data), run(model, *data))
+
+
+# Per-sample resets (about one step in four of every row) on the bidirectional option products.
+@pytest.mark.parametrize("flags", [f for f in OPTIONS if f[5]], ids=_id)
+def test_two_runs_with_resets_are_bitwise_identical(flags):
+    model, (x, lengths, h0, c0) = make(flags, torch.float32)
+    reset = torch.rand(T, B, generator=torch.Generator().manual_seed(1)) < 0.25
+    first = run(model, x, lengths, h0, c0, reset=reset)
+    assert_identical(first, run(model, x, lengths, h0, c0, reset=reset))
+    # The resets took effect: the same call without them differs.
+    assert not torch.equal(first["output"], run(model, x, lengths, h0, c0)["output"])
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")

@@ -208,10 +208,10 @@ def test_the_warning_filter_catches_a_backward_through_the_bare_kernel():
     w = [p.detach() for p in model.parameters()]
     zeros = torch.zeros(1, 3, dtype=F64)
     y, _, _, gates, saved_c, saved_r = torch.ops.fastlstm.layer_forward(
-        x, w[0], w[1], w[2] + w[3], None, zeros, zeros, None, None, False, 0, 0, 0.0, "recurrent", "auto")
+        x, w[0], w[1], w[2] + w[3], None, zeros, zeros, None, None, None, False, 0, 0, 0.0, "recurrent", "auto")
     grad_y = torch.ones_like(y, requires_grad=True)
     grads = torch.ops.fastlstm.layer_backward(grad_y, None, None, x, w[0], w[1], w[2] + w[3], None, zeros, zeros,
-                                              None, y, gates, saved_c, saved_r, False, 0, 0, 0.0, "recurrent",
+                                              None, None, y, gates, saved_c, saved_r, False, 0, 0, 0.0, "recurrent",
                                               False, True, "auto")
     with pytest.warns(UserWarning, match="autograd kernel was not registered"):
         grads[1].sum().backward()

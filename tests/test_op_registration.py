@@ -16,8 +16,8 @@ F64 = torch.float64
 LAYER_FORWARD = torch.ops.fastlstm.layer_forward.default
 
 
-def _layer_args(dtype, *, T=4, B=3, I=2, H=3, proj=0, bias=True, lengths=False, probe=False, checkpoint_every=0,
-                reverse=False, requires_grad=True):
+def _layer_args(dtype, *, T=4, B=3, I=2, H=3, proj=0, bias=True, lengths=False, reset=False, probe=False,
+                checkpoint_every=0, reverse=False, requires_grad=True):
     """Positional arguments of fastlstm::layer_forward, as fastlstm/lstm.py builds them."""
     K = proj or H
 
@@ -29,9 +29,11 @@ def _layer_args(dtype, *, T=4, B=3, I=2, H=3, proj=0, bias=True, lengths=False, 
     w_hr = make(K, H) if proj else None
     h0, c0 = make(B, K), make(B, H)
     lens = torch.tensor([T, 1, T - 1, 2][:B]) if lengths else None
+    resets = torch.rand(T, B, generator=torch.Generator().manual_seed(3)) < 0.4 if reset else None
     acc = F64 if dtype == F64 else torch.float32
     norm_probe = torch.zeros(2, T, dtype=acc, requires_grad=True) if probe else None
-    return (x, w_ih, w_hh, b, w_hr, h0, c0, lens, norm_probe, reverse, checkpoint_every, 0, 0.0, "recurrent", "auto")
+    return (x, w_ih, w_hh, b, w_hr, h0, c0, lens, resets, norm_probe, reverse, checkpoint_every, 0, 0.0, "recurrent",
+            "auto")
 
 
 OPCHECK_CASES = {
@@ -45,6 +47,8 @@ OPCHECK_CASES = {
     "checkpoint2_all": {"checkpoint_every": 2, "lengths": True, "proj": 2, "reverse": True, "probe": True,
                         "bias": False},
     "checkpoint3_uneven": {"checkpoint_every": 3, "T": 5},
+    "reset": {"reset": True},
+    "reset_all": {"reset": True, "lengths": True, "proj": 2, "reverse": True, "checkpoint_every": 2},
     "checkpoint_longer_than_T": {"checkpoint_every": 64},
     "no_grad": {"requires_grad": False},
     "batch0": {"B": 0},
@@ -54,7 +58,7 @@ OPCHECK_CASES = {
 # float64 runs every case, float32 a representative subset (keeps the file fast).
 OPCHECK_PARAMS = [pytest.param(case, F64, id=f"{case}-float64") for case in OPCHECK_CASES] + [
     pytest.param(case, torch.float32, id=f"{case}-float32")
-    for case in ("plain", "proj", "norm_probe", "checkpoint2_all")]
+    for case in ("plain", "proj", "norm_probe", "checkpoint2_all", "reset_all")]
 
 
 @pytest.mark.parametrize("case, dtype", OPCHECK_PARAMS)
@@ -75,6 +79,9 @@ GRADCHECK_CASES = {
     "proj": {"proj": 2},
     "proj_lengths_checkpoint": {"proj": 2, "lengths": True, "checkpoint_every": 2},
     "no_bias": {"bias": False},
+    "reset": {"reset": True, "T": 6},
+    "reset_reverse_lengths_checkpoint": {"reset": True, "T": 6, "reverse": True, "lengths": True, "checkpoint_every": 2},
+    "reset_proj_lengths": {"reset": True, "T": 6, "proj": 2, "lengths": True},
 }
 
 
@@ -83,7 +90,7 @@ def test_gradcheck_lstm_layer(case):
     cfg = dict(GRADCHECK_CASES[case])
     reverse = cfg.pop("reverse", False)
     checkpoint_every = cfg.pop("checkpoint_every", 0)
-    x, w_ih, w_hh, b, w_hr, h0, c0, lengths, *_ = _layer_args(F64, **cfg)
+    x, w_ih, w_hh, b, w_hr, h0, c0, lengths, reset, *_ = _layer_args(F64, **cfg)
     options = ops.LayerOptions(checkpoint_every=checkpoint_every)
     present = [t for t in (x, w_ih, w_hh, b, w_hr, h0, c0) if t is not None]
     slots = [t is not None for t in (x, w_ih, w_hh, b, w_hr, h0, c0)]
@@ -91,7 +98,7 @@ def test_gradcheck_lstm_layer(case):
     def layer(*tensors):
         it = iter(tensors)
         full = [next(it) if has else None for has in slots]
-        return ops.lstm_layer(*full, lengths, reverse=reverse, options=options)
+        return ops.lstm_layer(*full, lengths, reset, reverse=reverse, options=options)
 
     assert torch.autograd.gradcheck(layer, present, eps=1e-6, atol=1e-8, rtol=1e-6)
 

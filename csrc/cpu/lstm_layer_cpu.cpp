@@ -126,13 +126,14 @@ void check_backend(std::string_view backend) {
 ForwardOut layer_forward(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& w_hr,
                          const at::Tensor& h0, const at::Tensor& c0, const std::optional<at::Tensor>& lengths,
+                         const std::optional<at::Tensor>& reset,
                          const std::optional<at::Tensor>& /*norm_probe*/, bool reverse, int64_t checkpoint_every,
                          int64_t tbptt_chunk, double grad_clip, c10::string_view grad_clip_mode,
                          c10::string_view backend) {
   check_backend(backend);
   backward_options(tbptt_chunk, grad_clip, grad_clip_mode, false);
   check_checkpoint_every(checkpoint_every);
-  const LayerInputs in(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths);
+  const LayerInputs in(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reset);
   const auto dtype = x.scalar_type(), compute = compute_dtype(dtype);
   const LayerInputs ci = in.cast(compute);
   const bool fused = !ci.w_hr.defined();
@@ -151,14 +152,15 @@ BackwardOut layer_backward(const std::optional<at::Tensor>& grad_y, const std::o
                            const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x, const at::Tensor& w_ih,
                            const at::Tensor& w_hh, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& w_hr, const at::Tensor& h0, const at::Tensor& c0,
-                           const std::optional<at::Tensor>& lengths, const at::Tensor& y,
+                           const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& reset,
+                           const at::Tensor& y,
                            const at::Tensor& saved_gates, const at::Tensor& saved_c, const at::Tensor& saved_r,
                            bool reverse, int64_t checkpoint_every, int64_t tbptt_chunk, double grad_clip,
                            c10::string_view grad_clip_mode, bool record_norms, bool input_grad,
                            c10::string_view backend) {
   check_backend(backend);
   const BackwardOptions opts = backward_options(tbptt_chunk, grad_clip, grad_clip_mode, record_norms, input_grad);
-  const LayerInputs in(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths);
+  const LayerInputs in(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reset);
   const auto dtype = x.scalar_type(), compute = compute_dtype(dtype);
   const LayerInputs ci = in.cast(compute);
   const at::Tensor dy = contiguous_as(grad_y, compute), dh = contiguous_as(grad_h_n, compute),

@@ -43,6 +43,7 @@ __global__ void cell_forward_kernel(const ForwardCellArgs<scalar_t, acc_t> a) {
       if (a.h_state) a.h_state[e] = a.h_prev[e];
       continue;
     }
+    const int64_t n_b = row_length(a.lengths, b, a.T);
     acc_t pre[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -50,14 +51,17 @@ __global__ void cell_forward_kernel(const ForwardCellArgs<scalar_t, acc_t> a) {
       if (a.bias) pre[q] += static_cast<acc_t>(a.bias[q * H + j]);
     }
     acc_t i, f, gg, o, c, h;
-    fastlstm::cell_forward<acc_t>(pre[0], pre[1], pre[2], pre[3], a.c_prev[e], i, f, gg, o, c, h);
+    const acc_t c_in = state_zeroed_before(a.reset, a.B, b, a.t, n_b, a.reverse) ? acc_t(0) : a.c_prev[e];
+    fastlstm::cell_forward<acc_t>(pre[0], pre[1], pre[2], pre[3], c_in, i, f, gg, o, c, h);
     g[j] = i;
     g[H + j] = f;
     g[2 * H + j] = gg;
     g[3 * H + j] = o;
     a.c_next[e] = c;
     a.h_out[e] = static_cast<scalar_t>(h);
-    if (a.h_state) a.h_state[e] = static_cast<scalar_t>(h);
+    if (a.h_state) {
+      a.h_state[e] = state_zeroed_after(a.reset, a.B, b, a.t, n_b, a.reverse) ? scalar_t(0) : static_cast<scalar_t>(h);
+    }
   }
 }
 
@@ -66,7 +70,7 @@ __global__ void cell_backward_kernel(const BackwardCellArgs<scalar_t, acc_t> a) 
   const int64_t H = a.H, j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool in_range = j < H;
   for (int64_t b = blockIdx.y; b < a.B; b += gridDim.y) {
-    const int64_t n_b = a.lengths ? a.lengths[b] : a.T;
+    const int64_t n_b = row_length(a.lengths, b, a.T);
     const bool live = a.t < n_b;
     const int64_t e = b * H + j;
     acc_t sum_h = 0, sum_c = 0;
@@ -75,7 +79,9 @@ __global__ void cell_backward_kernel(const BackwardCellArgs<scalar_t, acc_t> a) 
       dg[j] = dg[H + j] = dg[2 * H + j] = dg[3 * H + j] = scalar_t(0);
       if (a.dh_pass && a.dh_pass != a.dh_in) a.dh_pass[e] = a.dh_in[e];
     } else if (in_range) {
-      const int kind = carry_kind(step_of_time(a.t, n_b, a.reverse), n_b, a.tbptt_chunk);
+      const int kind = carry_kind(step_of_time(a.t, n_b, a.reverse), n_b, a.tbptt_chunk,
+                                  state_zeroed_after(a.reset, a.B, b, a.t, n_b, a.reverse));
+      const acc_t c_prev = state_zeroed_before(a.reset, a.B, b, a.t, n_b, a.reverse) ? acc_t(0) : a.c_prev[e];
       const acc_t* g = a.gates + b * 4 * H;
       acc_t dh;
       if (a.dh_pass) {
@@ -86,8 +92,8 @@ __global__ void cell_backward_kernel(const BackwardCellArgs<scalar_t, acc_t> a) 
       }
       const acc_t dc_in = receive_carry(a.dc[e], kind, a.clip_recurrent);
       acc_t dgi, dgf, dgg, dgo, dct, dcp;
-      fastlstm::cell_backward<acc_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], a.c[e], a.c_prev[e], dh, dc_in, dgi, dgf,
-                           dgg, dgo, dct, dcp);
+      fastlstm::cell_backward<acc_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], a.c[e], c_prev, dh, dc_in, dgi, dgf,
+                                     dgg, dgo, dct, dcp);
       scalar_t* dg = a.dgates + b * 4 * H;
       dg[j] = static_cast<scalar_t>(clip_gate_grad(dgi, a.clip_gates));
       dg[H + j] = static_cast<scalar_t>(clip_gate_grad(dgf, a.clip_gates));
@@ -115,13 +121,14 @@ __global__ void proj_backward_kernel(const BackwardProjArgs<scalar_t, acc_t> a) 
   const int64_t P = a.P, j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= P) return;
   for (int64_t b = blockIdx.y; b < a.B; b += gridDim.y) {
-    const int64_t n_b = a.lengths ? a.lengths[b] : a.T;
+    const int64_t n_b = row_length(a.lengths, b, a.T);
     const int64_t e = b * P + j;
     if (a.t >= n_b) {
       a.dr_total[e] = scalar_t(0);
       continue;
     }
-    const int kind = carry_kind(step_of_time(a.t, n_b, a.reverse), n_b, a.tbptt_chunk);
+    const int kind = carry_kind(step_of_time(a.t, n_b, a.reverse), n_b, a.tbptt_chunk,
+                                state_zeroed_after(a.reset, a.B, b, a.t, n_b, a.reverse));
     acc_t total = receive_carry(a.dr_carry[e], kind, a.clip_recurrent);
     if (a.dy) total += static_cast<acc_t>(a.dy[e]);
     a.dr_total[e] = static_cast<scalar_t>(total);
@@ -135,7 +142,11 @@ __global__ void state_select_kernel(const StateSelectArgs<scalar_t> a) {
   if (j >= a.P) return;
   for (int64_t b = blockIdx.y; b < a.B; b += gridDim.y) {
     const int64_t e = b * a.P + j;
-    a.r_next[e] = row_live(a.lengths, b, a.t) ? a.y[e] : a.r_prev[e];
+    if (state_zeroed_after(a.reset, a.B, b, a.t, row_length(a.lengths, b, a.T), a.reverse)) {
+      a.r_next[e] = scalar_t(0);
+    } else {
+      a.r_next[e] = row_live(a.lengths, b, a.t) ? a.y[e] : a.r_prev[e];
+    }
   }
 }
 

@@ -13,7 +13,7 @@
 //   2. the cell in fp32 registers on this thread's fixed (unit, row) elements: Gx + bias (loaded
 //      during the previous step's barrier) + pre, c carried in registers from step to step;
 //      gates, c, y (and r) written exactly as the persistent kernel writes them;
-//   3. h_t (the carried state: h on live rows, h_{t-1} on padded ones) stored into every block's
+//   3. h_t (the carried state: h on live rows, h_{t-1} on padded ones, zero before a reset) stored into every block's
 //      shared memory over DSMEM, into the buffer of the next step's parity;
 //   4. one cluster barrier, split: arrive, load the next step's Gx + bias, wait.
 // Double-buffering h by step parity makes one barrier per step enough: a block writes a peer's
@@ -199,8 +199,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       } else {
         const float* p = pre + n * L.ldp + u;
         acc_t ai, af, ag, ao, c, h;
+        const int64_t n_b = row_length(a.lengths, b, a.T);
+        const acc_t c_in = state_zeroed_before(a.reset, B, b, t, n_b, a.reverse) ? acc_t(0) : c_reg[k];
         fastlstm::cell_forward<acc_t>(gx[k][0] + p[0], gx[k][1] + p[hb], gx[k][2] + p[2 * hb], gx[k][3] + p[3 * hb],
-                                      c_reg[k], ai, af, ag, ao, c, h);
+                                      c_in, ai, af, ag, ao, c, h);
         g[j] = ai;
         g[H + j] = af;
         g[2 * H + j] = ag;
@@ -209,8 +211,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         c_reg[k] = c;
         const scalar_t hv = static_cast<scalar_t>(h);
         y[e] = hv;
-        if (separate_state) state[e] = hv;
-        carried = bits(hv);
+        // A reset of the next step zeroes the state it reads (cell_math.h).
+        const scalar_t hs = state_zeroed_after(a.reset, B, b, t, n_b, a.reverse) ? scalar_t(0) : hv;
+        if (separate_state) state[e] = hs;
+        carried = bits(hs);
       }
       for (int r = 0; r < C; ++r) cluster.map_shared_rank(hnext, r)[n * L.ldh + j] = carried;
     }

@@ -133,13 +133,14 @@ Recurrence recurrence_for(std::string_view backend, const LayerInputs& in, bool 
 ForwardOut layer_forward(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& w_hr,
                          const at::Tensor& h0, const at::Tensor& c0, const std::optional<at::Tensor>& lengths,
+                         const std::optional<at::Tensor>& reset,
                          const std::optional<at::Tensor>& /*norm_probe*/, bool reverse, int64_t checkpoint_every,
                          int64_t tbptt_chunk, double grad_clip, c10::string_view grad_clip_mode,
                          c10::string_view backend) {
   const c10::cuda::CUDAGuard guard(x.device());
   backward_options(tbptt_chunk, grad_clip, grad_clip_mode, false);
   check_checkpoint_every(checkpoint_every);
-  const LayerInputs in = LayerInputs(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths).cast(x.scalar_type());
+  const LayerInputs in = LayerInputs(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reset).cast(x.scalar_type());
   const Recurrence rec = recurrence_for(backend, in, checkpoint_every != kNoBackward);
   ForwardOut out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastlstm_layer_forward_cuda", [&] {
@@ -154,7 +155,8 @@ BackwardOut layer_backward(const std::optional<at::Tensor>& grad_y, const std::o
                            const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x, const at::Tensor& w_ih,
                            const at::Tensor& w_hh, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& w_hr, const at::Tensor& h0, const at::Tensor& c0,
-                           const std::optional<at::Tensor>& lengths, const at::Tensor& y,
+                           const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& reset,
+                           const at::Tensor& y,
                            const at::Tensor& saved_gates, const at::Tensor& saved_c, const at::Tensor& saved_r,
                            bool reverse, int64_t checkpoint_every, int64_t tbptt_chunk, double grad_clip,
                            c10::string_view grad_clip_mode, bool record_norms, bool input_grad,
@@ -162,7 +164,7 @@ BackwardOut layer_backward(const std::optional<at::Tensor>& grad_y, const std::o
   const c10::cuda::CUDAGuard guard(x.device());
   const BackwardOptions opts = backward_options(tbptt_chunk, grad_clip, grad_clip_mode, record_norms, input_grad);
   const auto dtype = x.scalar_type();
-  const LayerInputs in = LayerInputs(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths).cast(dtype);
+  const LayerInputs in = LayerInputs(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reset).cast(dtype);
   const Recurrence rec = recurrence_for(backend, in, true);
   const at::Tensor dy = contiguous_as(grad_y, dtype), dh = contiguous_as(grad_h_n, dtype),
                    dc = contiguous_as(grad_c_n, dtype);

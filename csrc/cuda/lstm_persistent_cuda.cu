@@ -12,7 +12,7 @@
 // group of kRows batch rows), lanes striding over the reduction dimension, so each weight read
 // from shared memory serves kRows rows. The batch is tiled through shared memory inside a step.
 //
-// Semantics (padding, truncation, clipping, norms) are the stepwise kernels', from cell_math.h.
+// Semantics (padding, resets, truncation, clipping, norms) are the stepwise kernels', from cell_math.h.
 #include "lstm_persistent_cuda.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -140,7 +140,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             pre[q] = g[q * H + j];
             if (a.bias) pre[q] += static_cast<acc_t>(a.bias[q * H + j]);
           }
-          c_in = c_prev[e];
+          const bool zero_in = state_zeroed_before(a.reset, B, b, t, row_length(a.lengths, b, a.T), a.reverse);
+          c_in = zero_in ? acc_t(0) : c_prev[e];
         }
         acc_t acc[kRows][4] = {};
         for (int k = lane; k < H; k += 32) {
@@ -192,7 +193,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           g[3 * H + j] = ao;
           a.c[slot * BH + e] = c;
           y[e] = static_cast<scalar_t>(h);
-          if (separate_state) state[e] = static_cast<scalar_t>(h);
+          if (separate_state) {
+            const bool zero_out = state_zeroed_after(a.reset, B, b, t, row_length(a.lengths, b, a.T), a.reverse);
+            state[e] = zero_out ? scalar_t(0) : static_cast<scalar_t>(h);
+          }
         }
       }
     }
@@ -229,7 +233,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const acc_t* c_prev = prev < 0 ? a.c_init : a.c + prev * BH;
     const acc_t* gates = a.gates + slot * 4 * BH;
     scalar_t* dgates = a.dgates + slot * 4 * BH;
-    // Without padding every row shares the step's carry kind: computed once, not per element.
+    // Without padding or resets every row shares the step's carry kind: computed once, not per element.
     const int uniform_kind = carry_kind(step_of_time(t, a.T, a.reverse), a.T, a.opts.tbptt_chunk);
 
     // Phase A: the cell backward of this block's units, every thread on (row, unit) elements.
@@ -239,21 +243,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int64_t e = static_cast<int64_t>(b) * H + j;
       scalar_t* dg = dgates + static_cast<int64_t>(b) * G;
       int kind = uniform_kind;
-      if (a.lengths) {
-        const int64_t n_b = a.lengths[b];
+      bool zero_in = false;
+      if (a.lengths || a.reset) {
+        const int64_t n_b = row_length(a.lengths, b, a.T);
         if (t >= n_b) {  // padding: the carries pass through untouched
           dg[j] = dg[H + j] = dg[2 * H + j] = dg[3 * H + j] = scalar_t(0);
           continue;
         }
-        kind = carry_kind(step_of_time(t, n_b, a.reverse), n_b, a.opts.tbptt_chunk);
+        kind = carry_kind(step_of_time(t, n_b, a.reverse), n_b, a.opts.tbptt_chunk,
+                          state_zeroed_after(a.reset, B, b, t, n_b, a.reverse));
+        zero_in = state_zeroed_before(a.reset, B, b, t, n_b, a.reverse);
       }
       const acc_t* g = gates + static_cast<int64_t>(b) * G;
       acc_t dh = receive_carry(a.carry_h[e], kind, clip_rec);
       if (a.dy) dh += static_cast<acc_t>(a.dy[t * BH + e]);
       const acc_t dc_in = receive_carry(a.carry_c[e], kind, clip_rec);
       acc_t dgi, dgf, dgg, dgo, dct, dcp;
-      fastlstm::cell_backward<acc_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], a.c[slot * BH + e], c_prev[e], dh,
-                                     dc_in, dgi, dgf, dgg, dgo, dct, dcp);
+      fastlstm::cell_backward<acc_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], a.c[slot * BH + e],
+                                     zero_in ? acc_t(0) : c_prev[e], dh, dc_in, dgi, dgf, dgg, dgo, dct, dcp);
       dg[j] = static_cast<scalar_t>(clip_gate_grad(dgi, clip_gates));
       dg[H + j] = static_cast<scalar_t>(clip_gate_grad(dgf, clip_gates));
       dg[2 * H + j] = static_cast<scalar_t>(clip_gate_grad(dgg, clip_gates));

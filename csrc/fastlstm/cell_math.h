@@ -80,16 +80,42 @@ FASTLSTM_HD void cell_backward(V i, V f, V g, V o, V c, V c_prev, V dh, V dc_car
 // dL/dc_n unchanged. With truncated BPTT of chunk k the carry into step s is zero when s + 1 is a
 // multiple of k (the gradient is cut between s + 1 and s). Otherwise it is clamped to
 // [-clip, clip] when recurrent clipping is on.
+// segment_end: step s + 1 starts a new segment (a per-sample reset, below), so no gradient
+// crosses from it to step s.
 enum CarryKind : int { kCarryFinal = 0, kCarryCut = 1, kCarryStep = 2 };
 
-FASTLSTM_HD int carry_kind(int64_t s, int64_t n, int64_t tbptt_chunk) {
+FASTLSTM_HD int carry_kind(int64_t s, int64_t n, int64_t tbptt_chunk, bool segment_end = false) {
   if (s == n - 1) return kCarryFinal;
-  if (tbptt_chunk > 0 && (s + 1) % tbptt_chunk == 0) return kCarryCut;
+  if (segment_end || (tbptt_chunk > 0 && (s + 1) % tbptt_chunk == 0)) return kCarryCut;
   return kCarryStep;
+}
+
+// ---- Per-sample state resets ----
+//
+// reset is a (T, B) row-major bool array, or null. reset[t][b] starts a new segment of row b at
+// time t: the forward direction's state entering time t is zero, and so is the reverse
+// direction's state entering time t - 1 (the step it processes after t). The first segment in
+// processing order starts from the given initial state, so reset[0][b] changes nothing, and
+// neither does a reset on padding (t >= n, the row's length). The consumer zeroes the cell state
+// it reads; the hidden state is zeroed by its producer (the step before), so the products with
+// W_hh (step GEMMs included) read zeros.
+
+// Whether the state entering the step at time t of row b (length n) is zero.
+FASTLSTM_HD bool state_zeroed_before(const bool* reset, int64_t B, int64_t b, int64_t t, int64_t n, bool reverse) {
+  const int64_t at = reverse ? t + 1 : t;  // the time whose reset cuts the state entering t
+  return reset != nullptr && at > 0 && at < n && reset[at * B + b];
+}
+
+// Whether the state the step at time t hands on is zeroed before the next step reads it.
+FASTLSTM_HD bool state_zeroed_after(const bool* reset, int64_t B, int64_t b, int64_t t, int64_t n, bool reverse) {
+  return state_zeroed_before(reset, B, b, reverse ? t - 1 : t + 1, n, reverse);
 }
 
 // Whether row b holds a real element at time t (false on the padding of a packed batch).
 FASTLSTM_HD bool row_live(const int64_t* lengths, int64_t b, int64_t t) { return lengths == nullptr || t < lengths[b]; }
+
+// The length of row b: lengths[b], or T without padding.
+FASTLSTM_HD int64_t row_length(const int64_t* lengths, int64_t b, int64_t T) { return lengths ? lengths[b] : T; }
 
 // Step index of time t in a sequence of length n, in the direction's processing order.
 FASTLSTM_HD int64_t step_of_time(int64_t t, int64_t n, bool reverse) { return reverse ? n - 1 - t : t; }

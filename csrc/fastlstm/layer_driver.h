@@ -59,11 +59,11 @@ class LayerDriver {
  public:
   using acc_t = at::opmath_type<scalar_t>;
 
-  // All tensors contiguous, on one device, of dtype scalar_t (lengths: int64, same device).
+  // All tensors contiguous, on one device, of dtype scalar_t (lengths: int64, reset: bool (T, B)).
   LayerDriver(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
               const at::Tensor& bias, const at::Tensor& w_hr, const at::Tensor& lengths,
-              bool reverse, int64_t checkpoint_every, bool fused_recurrence)
-      : x_(x), w_ih_(w_ih), w_hh_(w_hh), bias_(bias), w_hr_(w_hr), lengths_(lengths),
+              const at::Tensor& reset, bool reverse, int64_t checkpoint_every, bool fused_recurrence)
+      : x_(x), w_ih_(w_ih), w_hh_(w_hh), bias_(bias), w_hr_(w_hr), lengths_(lengths), reset_(reset),
         reverse_(reverse), fused_(fused_recurrence),
         T_(x.size(0)), B_(x.size(1)), I_(x.size(2)), H_(w_hh.size(0) / 4),
         K_(w_hh.size(1)), proj_(w_hr.defined()),
@@ -87,7 +87,7 @@ class LayerDriver {
     if (!checkpointing_) {
       out.saved_gates = new_buffer({T_, B_, 4 * H_}, acc_opts_);
       out.saved_c = new_buffer({T_, B_, H_}, acc_opts_);
-      out.saved_r = masked() ? new_buffer({T_, B_, K_}, x_.options()) : at::empty({0}, x_.options());
+      out.saved_r = separate_state() ? new_buffer({T_, B_, K_}, x_.options()) : at::empty({0}, x_.options());
       Storage st = full_storage(out.y, out.saved_gates, out.saved_c, out.saved_r);
       chunk_forward(0, T_, st, h0.data_ptr<scalar_t>(), c0_acc.data_ptr<acc_t>());
       const int64_t last = time_of(T_ - 1);
@@ -190,6 +190,7 @@ class LayerDriver {
           a.dgates = dg_base + slot * B_ * 4 * H_;
           a.norm_partial = norm_ptr ? norm_ptr + t * 2 * rows * tiles : nullptr;
           a.lengths = lengths_ptr();
+          a.reset = reset_ptr();
           a.t = t;
           a.T = T_;
           a.B = B_;
@@ -204,6 +205,7 @@ class LayerDriver {
             p.dr_carry = carry_h.data_ptr<acc_t>();
             p.dr_total = dr_base + slot * B_ * K_;
             p.lengths = lengths_ptr();
+            p.reset = reset_ptr();
             p.t = t;
             p.T = T_;
             p.B = B_;
@@ -284,8 +286,10 @@ class LayerDriver {
     at::Tensor gates, c, r, y;
   };
 
-  bool masked() const { return lengths_.defined(); }
-  const int64_t* lengths_ptr() const { return masked() ? lengths_.data_ptr<int64_t>() : nullptr; }
+  // Padding and resets make the carried state differ from the output: it gets its own buffer r.
+  bool separate_state() const { return lengths_.defined() || reset_.defined(); }
+  const int64_t* lengths_ptr() const { return lengths_.defined() ? lengths_.data_ptr<int64_t>() : nullptr; }
+  const bool* reset_ptr() const { return reset_.defined() ? reset_.data_ptr<bool>() : nullptr; }
   const scalar_t* bias_ptr() const { return bias_.defined() ? bias_.data_ptr<scalar_t>() : nullptr; }
   int64_t time_of(int64_t s) const { return reverse_ ? T_ - 1 - s : s; }
   // First time index of the block covered by processing steps [s0, s0 + n).
@@ -306,7 +310,7 @@ class LayerDriver {
     st.gates = gates.data_ptr<acc_t>();
     st.c = c.data_ptr<acc_t>();
     st.y = y.data_ptr<scalar_t>();
-    st.r = masked() ? r.data_ptr<scalar_t>() : st.y;
+    st.r = separate_state() ? r.data_ptr<scalar_t>() : st.y;
     st.tlo = 0;
     return st;
   }
@@ -316,7 +320,7 @@ class LayerDriver {
     ws.gates = new_buffer({chunk_, B_, 4 * H_}, acc_opts_);
     ws.c = new_buffer({chunk_, B_, H_}, acc_opts_);
     ws.y = new_buffer({chunk_, B_, K_}, x_.options());
-    ws.r = masked() ? new_buffer({chunk_, B_, K_}, x_.options()) : at::Tensor();
+    ws.r = separate_state() ? new_buffer({chunk_, B_, K_}, x_.options()) : at::Tensor();
     return ws;
   }
 
@@ -327,7 +331,7 @@ class LayerDriver {
     st.gates = ws.gates.template data_ptr<acc_t>();
     st.c = ws.c.template data_ptr<acc_t>();
     st.y = y_base;
-    st.r = masked() ? ws.r.template data_ptr<scalar_t>() : y_base;
+    st.r = separate_state() ? ws.r.template data_ptr<scalar_t>() : y_base;
     st.tlo = block_start(s0, n);
     return st;
   }
@@ -344,6 +348,7 @@ class LayerDriver {
     a.r_init = r_init;
     a.c_init = c_init;
     a.lengths = lengths_ptr();
+    a.reset = reset_ptr();
     a.s0 = s0;
     a.n = n;
     a.tlo = st.tlo;
@@ -395,15 +400,21 @@ class LayerDriver {
       a.c_next = st.c + slot * B_ * H_;
       a.h_prev = r_prev;
       a.h_out = proj_ ? hbuf.data_ptr<scalar_t>() : y_t;
-      a.h_state = (!proj_ && masked()) ? r_t : nullptr;
+      a.h_state = (!proj_ && separate_state()) ? r_t : nullptr;
       a.lengths = lengths_ptr();
+      a.reset = reset_ptr();
       a.t = t;
+      a.T = T_;
       a.B = B_;
       a.H = H_;
+      a.reverse = reverse_;
       Policy::cell_forward(a);
       if (proj_) {
         w_hr_mat_->times_transposed(B_, a.h_out, y_t, false);
-        if (masked()) Policy::state_select(StateSelectArgs<scalar_t>{y_t, r_prev, r_t, lengths_ptr(), t, B_, K_});
+        if (separate_state()) {
+          Policy::state_select(
+              StateSelectArgs<scalar_t>{y_t, r_prev, r_t, lengths_ptr(), reset_ptr(), t, T_, B_, K_, reverse_});
+        }
       }
     }
   }
@@ -417,7 +428,7 @@ class LayerDriver {
     }
   }
 
-  const at::Tensor x_, w_ih_, w_hh_, bias_, w_hr_, lengths_;
+  const at::Tensor x_, w_ih_, w_hh_, bias_, w_hr_, lengths_, reset_;
   const bool reverse_, fused_;
   const int64_t T_, B_, I_, H_, K_;
   const bool proj_;

@@ -46,21 +46,22 @@ inline BackwardOptions backward_options(int64_t tbptt_chunk, double grad_clip, s
   return o;
 }
 
-// One layer-direction's inputs. bias (b_ih + b_hh), w_hr and lengths may be undefined.
+// One layer-direction's inputs. bias (b_ih + b_hh), w_hr, lengths and reset may be undefined.
 struct LayerInputs {
-  at::Tensor x, w_ih, w_hh, bias, w_hr, h0, c0, lengths;
+  at::Tensor x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reset;
 
   LayerInputs(const at::Tensor& x_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
               const std::optional<at::Tensor>& bias_, const std::optional<at::Tensor>& w_hr_, const at::Tensor& h0_,
-              const at::Tensor& c0_, const std::optional<at::Tensor>& lengths_)
+              const at::Tensor& c0_, const std::optional<at::Tensor>& lengths_,
+              const std::optional<at::Tensor>& reset_)
       : x(x_), w_ih(w_ih_), w_hh(w_hh_), bias(bias_.value_or(at::Tensor())), w_hr(w_hr_.value_or(at::Tensor())),
-        h0(h0_), c0(c0_), lengths(lengths_.value_or(at::Tensor())) {
+        h0(h0_), c0(c0_), lengths(lengths_.value_or(at::Tensor())), reset(reset_.value_or(at::Tensor())) {
     check();
   }
 
   int64_t hidden_size() const { return w_hh.size(0) / 4; }
 
-  // Contiguous copies in `dtype` (lengths untouched).
+  // Contiguous copies in `dtype` (lengths and reset untouched).
   LayerInputs cast(at::ScalarType dtype) const {
     LayerInputs c = *this;
     auto conv = [dtype](const at::Tensor& t) { return t.defined() ? t.to(dtype).contiguous() : t; };
@@ -72,6 +73,7 @@ struct LayerInputs {
     c.h0 = conv(h0);
     c.c0 = conv(c0);
     c.lengths = lengths.defined() ? lengths.contiguous() : lengths;
+    c.reset = reset.defined() ? reset.contiguous() : reset;
     return c;
   }
 
@@ -117,13 +119,21 @@ struct LayerInputs {
                     "fastlstm: lengths must lie in [1, ", x.size(0), "]");
       }
     }
+    if (reset.defined()) {
+      TORCH_CHECK(reset.scalar_type() == at::kBool && reset.dim() == 2 && reset.size(0) == x.size(0) &&
+                      reset.size(1) == B,
+                  "fastlstm: reset must be a bool tensor of shape (", x.size(0), ", ", B, "), got ",
+                  reset.scalar_type(), " ", reset.sizes());
+      TORCH_CHECK(reset.device() == x.device(), "fastlstm: reset must be on the device of x (", x.device(), "), got ",
+                  reset.device());
+    }
   }
 };
 
 template <class Policy, class scalar_t>
 ForwardOut forward_typed(const LayerInputs& in, bool reverse, int64_t checkpoint_every, bool fused_recurrence) {
-  LayerDriver<Policy, scalar_t> d(in.x, in.w_ih, in.w_hh, in.bias, in.w_hr, in.lengths, reverse, checkpoint_every,
-                                  fused_recurrence);
+  LayerDriver<Policy, scalar_t> d(in.x, in.w_ih, in.w_hh, in.bias, in.w_hr, in.lengths, in.reset, reverse,
+                                  checkpoint_every, fused_recurrence);
   LayerForwardResult r = d.forward(in.h0, in.c0);
   return {r.y, r.h_n, r.c_n, r.saved_gates, r.saved_c, r.saved_r};
 }
@@ -134,8 +144,8 @@ BackwardOut backward_typed(const LayerInputs& in, const at::Tensor& dy, const at
                            const at::Tensor& y, const at::Tensor& saved_gates, const at::Tensor& saved_c,
                            const at::Tensor& saved_r, bool reverse, int64_t checkpoint_every, bool fused_recurrence,
                            const BackwardOptions& opts) {
-  LayerDriver<Policy, scalar_t> d(in.x, in.w_ih, in.w_hh, in.bias, in.w_hr, in.lengths, reverse, checkpoint_every,
-                                  fused_recurrence);
+  LayerDriver<Policy, scalar_t> d(in.x, in.w_ih, in.w_hh, in.bias, in.w_hr, in.lengths, in.reset, reverse,
+                                  checkpoint_every, fused_recurrence);
   LayerBackwardResult r = d.backward(dy, dh_n, dc_n, in.h0, in.c0, y, saved_gates, saved_c, saved_r, opts);
   return {r.dx, r.dw_ih, r.dw_hh, r.dbias, r.dw_hr, r.dh0, r.dc0, r.norms};
 }

@@ -3,7 +3,8 @@
 // scalar_t is the tensor dtype (inputs, weights, outputs, gate gradients); acc_t is the type the
 // cell works in (float for float/half/bfloat16, double for double): gates, cell state and the
 // gradient carries. `lengths` is null for unpacked input; otherwise a row b is padded at time t
-// when t >= lengths[b] and its state passes through the step unchanged.
+// when t >= lengths[b] and its state passes through the step unchanged. `reset` (T, B) is null,
+// or the per-sample state resets of cell_math.h.
 #pragma once
 
 #include <cstdint>
@@ -18,9 +19,11 @@ struct ForwardCellArgs {
   acc_t* c_next;            // (B, H) may not alias c_prev
   const scalar_t* h_prev;   // (B, H) state before the step; read only when h_state is set
   scalar_t* h_out;          // (B, H) h_t: the layer output y_t, or the projection's input
-  scalar_t* h_state;        // (B, H) carried state when it differs from h_out (padded rows), or null
+  scalar_t* h_state;        // (B, H) carried state when it differs from h_out (padding, resets), or null
   const int64_t* lengths;   // (B) or null
-  int64_t t, B, H;
+  const bool* reset;        // (T, B) or null; zeroes h_state (the caller sets it) and c_prev
+  int64_t t, T, B, H;
+  bool reverse;
 };
 
 template <class scalar_t, class acc_t>
@@ -38,6 +41,7 @@ struct BackwardCellArgs {
   scalar_t* dgates;         // (B, 4H) dL/dG_t out
   acc_t* norm_partial;      // (2, B, tiles) squared norms of dL/dh_t and dL/dc_t, or null
   const int64_t* lengths;   // (B) or null
+  const bool* reset;        // (T, B) or null
   int64_t t, T, B, H;
   bool reverse;
   int64_t tbptt_chunk;      // 0: off
@@ -52,20 +56,24 @@ struct BackwardProjArgs {
   acc_t* dr_carry;          // (B, P) raw carry in; out: what skips this step (padded rows)
   scalar_t* dr_total;       // (B, P) dL/dr_t out (zero on padded rows)
   const int64_t* lengths;
+  const bool* reset;
   int64_t t, T, B, P;
   bool reverse;
   int64_t tbptt_chunk;
   acc_t clip_recurrent;
 };
 
-// Projection layers with padded rows: the state r_t = y_t on live rows, r_{t-1} on padded ones.
+// Projection layers with padded rows or resets: the state r_t = y_t on live rows, r_{t-1} on
+// padded ones, zero where the next step starts a new segment.
 template <class scalar_t>
 struct StateSelectArgs {
   const scalar_t* y;        // (B, P) this step's output (already zero on padded rows)
   const scalar_t* r_prev;   // (B, P)
   scalar_t* r_next;         // (B, P)
   const int64_t* lengths;
-  int64_t t, B, P;
+  const bool* reset;
+  int64_t t, T, B, P;
+  bool reverse;
 };
 
 struct BackwardOptions {
@@ -89,6 +97,7 @@ struct ChunkRecurrenceArgs {
   const scalar_t* r_init;   // state before the chunk's first step
   const acc_t* c_init;
   const int64_t* lengths;
+  const bool* reset;        // (T, B) or null; r then does not alias y
   int64_t s0, n, tlo, T, B, H;
   bool reverse;
   // backward only

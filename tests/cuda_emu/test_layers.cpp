@@ -27,12 +27,14 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using ForwardSig = fastlstm::ForwardOut(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                                        const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, bool, int64_t,
-                                        int64_t, double, c10::string_view, c10::string_view);
+                                        const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                                        const OptTensor&, bool, int64_t, int64_t, double, c10::string_view,
+                                        c10::string_view);
 using BackwardSig = fastlstm::BackwardOut(const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
                                           const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                                          const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
-                                          const Tensor&, const Tensor&, bool, int64_t, int64_t, double,
+                                          const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                                          const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, int64_t,
+                                          int64_t, double,
                                           c10::string_view, bool, bool, c10::string_view);
 
 const c10::DispatchKeySet kCpu(c10::DispatchKey::CPU), kCuda(c10::DispatchKey::CUDA);
@@ -51,6 +53,7 @@ struct Case {
   std::string backend = "persistent";
   int64_t T = 7, B = 5, I = 3, H = 24, P = 0;
   bool bias = true, reverse = false, packed = false, norms = false, input_grad = true, state_grads = true;
+  bool reset = false;  // per-sample state resets at random steps
   int64_t checkpoint_every = 0, tbptt = 0;
   double clip = 0;
   std::string clip_mode = "recurrent";
@@ -102,6 +105,7 @@ std::vector<Tensor> compare(const Case& c) {
     l[0] = c.T;  // the longest row has the full length, as pack_padded_sequence gives
     lengths = l;
   }
+  const OptTensor reset = c.reset ? OptTensor(at::rand({c.T, c.B}, f64) < 0.3) : std::nullopt;
   const Tensor dy = cast(at::randn({c.T, c.B, K}, f64));
   const OptTensor dh_n = c.state_grads ? OptTensor(cast(at::randn({c.B, K}, f64))) : std::nullopt;
   const OptTensor dc_n = c.state_grads ? OptTensor(cast(at::randn({c.B, c.H}, f64))) : std::nullopt;
@@ -114,8 +118,8 @@ std::vector<Tensor> compare(const Case& c) {
   auto wide_opt = [&](const OptTensor& t, bool f64) { return t && f64 ? OptTensor(t->to(at::kDouble)) : t; };
   auto forward = [&](c10::DispatchKeySet keys, bool f64) {
     return forward_op().redispatch(keys, wide(x, f64), wide(w_ih, f64), wide(w_hh, f64), wide_opt(bias, f64),
-                                   wide_opt(w_hr, f64), wide(h0, f64), wide(c0, f64), lengths, std::nullopt, c.reverse,
-                                   c.checkpoint_every, c.tbptt, c.clip, c.clip_mode, backend(keys));
+                                   wide_opt(w_hr, f64), wide(h0, f64), wide(c0, f64), lengths, reset, std::nullopt,
+                                   c.reverse, c.checkpoint_every, c.tbptt, c.clip, c.clip_mode, backend(keys));
   };
   const fastlstm::ForwardOut ref = forward(kCpu, true), out = forward(kCuda, false);
   expect_close(std::get<0>(out), std::get<0>(ref), "y", tol);
@@ -127,7 +131,7 @@ std::vector<Tensor> compare(const Case& c) {
   auto backward = [&](c10::DispatchKeySet keys, bool f64, const fastlstm::ForwardOut& f) {
     return backward_op().redispatch(keys, wide(dy, f64), wide_opt(dh_n, f64), wide_opt(dc_n, f64), wide(x, f64),
                                     wide(w_ih, f64), wide(w_hh, f64), wide_opt(bias, f64), wide_opt(w_hr, f64),
-                                    wide(h0, f64), wide(c0, f64), lengths, std::get<0>(f),
+                                    wide(h0, f64), wide(c0, f64), lengths, reset, std::get<0>(f),
                                     std::get<3>(f), std::get<4>(f), std::get<5>(f), c.reverse, c.checkpoint_every,
                                     c.tbptt, c.clip, c.clip_mode, c.norms, c.input_grad, backend(keys));
   };
@@ -240,6 +244,32 @@ TEST(checkpointing) {
   });
 }
 
+// Per-sample resets: the state zeroed at random steps of random rows, with padding in both
+// directions, and with everything else the backward does.
+TEST(per_sample_resets) {
+  for_each_config([](Case& c) {
+    c.reset = true;
+    c.packed = true;
+  });
+  for_each_config([](Case& c) {
+    c.reset = true;
+    c.packed = true;
+    c.reverse = true;
+    c.norms = true;
+    c.tbptt = 3;
+    c.clip = 0.05;
+    c.seed = 4;
+  });
+  for_each_config([](Case& c) {
+    c.reset = true;
+    c.reverse = true;
+    c.checkpoint_every = 3;
+    c.clip = 0.02;
+    c.clip_mode = "gates";
+    c.seed = 5;
+  });
+}
+
 // Without a backward the driver works in chunks: 64 steps on the CPU, many more on CUDA.
 TEST(inference_chunks) {
   for_each_config([](Case& c) {
@@ -268,6 +298,14 @@ TEST(projection_stepwise) {
         c.reverse = true;
         c.norms = true;
         c.checkpoint_every = 4;
+      },
+      {"stepwise"});
+  for_each_config(
+      [](Case& c) {
+        c.P = 4;
+        c.reset = true;
+        c.packed = true;
+        c.reverse = true;
       },
       {"stepwise"});
 }
@@ -370,6 +408,12 @@ TEST(cluster_plain_packed_reverse) {
     c.bias = false;
     c.seed = 3;
   });
+  for_each_half([](Case& c) {
+    c.reset = true;
+    c.packed = true;
+    c.reverse = true;
+    c.seed = 6;
+  });
 }
 
 TEST(cluster_checkpointing_and_inference_chunks) {
@@ -385,6 +429,11 @@ TEST(cluster_checkpointing_and_inference_chunks) {
     c.B = 3;
     c.H = 8;
     c.packed = true;
+  });
+  for_each_half([](Case& c) {
+    c.checkpoint_every = 2;
+    c.reset = true;
+    c.norms = true;
   });
 }
 

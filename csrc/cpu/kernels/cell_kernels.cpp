@@ -43,6 +43,9 @@ void cell_forward(const ForwardCellArgs<T, T>& a) {
         if (hs) std::copy(a.h_prev + b * H, a.h_prev + (b + 1) * H, hs);
         continue;
       }
+      const int64_t n_b = row_length(a.lengths, b, a.T);
+      const bool zero_in = state_zeroed_before(a.reset, a.B, b, a.t, n_b, a.reverse);
+      const bool zero_out = state_zeroed_after(a.reset, a.B, b, a.t, n_b, a.reverse);
       for (int64_t j = 0; j < H; j += V::size()) {
         const int64_t n = std::min<int64_t>(V::size(), H - j);
         V pre[4];
@@ -51,14 +54,15 @@ void cell_forward(const ForwardCellArgs<T, T>& a) {
           if (a.bias) pre[q] = pre[q] + V::loadu(a.bias + q * H + j, n);
         }
         V i, f, gg, o, c, h;
-        fastlstm::cell_forward(pre[0], pre[1], pre[2], pre[3], V::loadu(cp + j, n), i, f, gg, o, c, h);
+        fastlstm::cell_forward(pre[0], pre[1], pre[2], pre[3], zero_in ? V(T(0)) : V::loadu(cp + j, n), i, f, gg, o,
+                               c, h);
         i.store(g + j, n);
         f.store(g + H + j, n);
         gg.store(g + 2 * H + j, n);
         o.store(g + 3 * H + j, n);
         c.store(cn + j, n);
         h.store(ho + j, n);
-        if (hs) h.store(hs + j, n);
+        if (hs) (zero_out ? V(T(0)) : h).store(hs + j, n);
       }
     }
   });
@@ -70,7 +74,7 @@ void cell_backward(const BackwardCellArgs<T, T>& a) {
   const int64_t H = a.H, B = a.B;
   at::parallel_for(0, B, row_grain(8 * H), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n_b = a.lengths ? a.lengths[b] : a.T;
+      const int64_t n_b = row_length(a.lengths, b, a.T);
       T* dg = a.dgates + b * 4 * H;
       T* dc = a.dc + b * H;
       if (a.t >= n_b) {
@@ -80,7 +84,9 @@ void cell_backward(const BackwardCellArgs<T, T>& a) {
         if (a.norm_partial) a.norm_partial[b] = a.norm_partial[B + b] = T(0);
         continue;
       }
-      const int kind = carry_kind(step_of_time(a.t, n_b, a.reverse), n_b, a.tbptt_chunk);
+      const int kind = carry_kind(step_of_time(a.t, n_b, a.reverse), n_b, a.tbptt_chunk,
+                                  state_zeroed_after(a.reset, B, b, a.t, n_b, a.reverse));
+      const bool zero_in = state_zeroed_before(a.reset, B, b, a.t, n_b, a.reverse);
       const T* g = a.gates + b * 4 * H;
       const T* c = a.c + b * H;
       const T* cp = a.c_prev + b * H;
@@ -99,7 +105,8 @@ void cell_backward(const BackwardCellArgs<T, T>& a) {
         const V dc_in = receive_carry(V::loadu(dc + j, n), kind, a.clip_recurrent);
         V dgi, dgf, dgg, dgo, dct, dcp;
         fastlstm::cell_backward(V::loadu(g + j, n), V::loadu(g + H + j, n), V::loadu(g + 2 * H + j, n),
-                                V::loadu(g + 3 * H + j, n), V::loadu(c + j, n), V::loadu(cp + j, n), dh, dc_in,
+                                V::loadu(g + 3 * H + j, n), V::loadu(c + j, n),
+                                zero_in ? V(T(0)) : V::loadu(cp + j, n), dh, dc_in,
                                 dgi, dgf, dgg, dgo, dct, dcp);
         clip_gate_grad(dgi, a.clip_gates).store(dg + j, n);
         clip_gate_grad(dgf, a.clip_gates).store(dg + H + j, n);
@@ -123,14 +130,15 @@ void proj_backward(const BackwardProjArgs<T, T>& a) {
   const int64_t P = a.P;
   at::parallel_for(0, a.B, row_grain(P), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n_b = a.lengths ? a.lengths[b] : a.T;
+      const int64_t n_b = row_length(a.lengths, b, a.T);
       T* total = a.dr_total + b * P;
       T* carry = a.dr_carry + b * P;
       if (a.t >= n_b) {
         std::fill(total, total + P, T(0));
         continue;
       }
-      const int kind = carry_kind(step_of_time(a.t, n_b, a.reverse), n_b, a.tbptt_chunk);
+      const int kind = carry_kind(step_of_time(a.t, n_b, a.reverse), n_b, a.tbptt_chunk,
+                                  state_zeroed_after(a.reset, a.B, b, a.t, n_b, a.reverse));
       for (int64_t j = 0; j < P; ++j) {
         total[j] = receive_carry(carry[j], kind, a.clip_recurrent) + (a.dy ? a.dy[b * P + j] : T(0));
         carry[j] = T(0);
@@ -142,8 +150,13 @@ void proj_backward(const BackwardProjArgs<T, T>& a) {
 template <class T>
 void state_select(const StateSelectArgs<T>& a) {
   for (int64_t b = 0; b < a.B; ++b) {
+    T* dst = a.r_next + b * a.P;
+    if (state_zeroed_after(a.reset, a.B, b, a.t, row_length(a.lengths, b, a.T), a.reverse)) {
+      std::fill(dst, dst + a.P, T(0));
+      continue;
+    }
     const T* src = row_live(a.lengths, b, a.t) ? a.y + b * a.P : a.r_prev + b * a.P;
-    std::copy(src, src + a.P, a.r_next + b * a.P);
+    std::copy(src, src + a.P, dst);
   }
 }
 

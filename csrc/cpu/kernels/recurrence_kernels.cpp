@@ -9,7 +9,7 @@
 //             vectors), cell update in registers, h_t written; one barrier.
 //   backward  cell backward of own units -> dG_t; barrier; carry_h of own units
 //             += dG_t W_hh[:, own] (register tile of 4 rows x up to 4 unit blocks).
-// The semantics (padding, truncation, clipping, norms) are cell_math.h's, as in the stepwise path.
+// The semantics (padding, resets, truncation, clipping, norms) are cell_math.h's, as in the stepwise path.
 #include "../lstm_recurrence_cpu.h"
 
 #include <ATen/ATen.h>
@@ -66,19 +66,22 @@ inline void cell_epilogue(const ChunkRecurrenceArgs<T, T>& a, at::vec::Vectorize
     if (state) V::loadu(r_prev + e, cnt).store(state, cnt);
     return;
   }
+  const int64_t n_b = row_length(a.lengths, b, a.T);
   V pre[4] = {p_i, p_f, p_g, p_o};
   if (a.bias) {
     for (int q = 0; q < 4; ++q) pre[q] = pre[q] + V::loadu(a.bias + q * H + j0, cnt);
   }
   V i, f, gg, o, c, hv;
-  fastlstm::cell_forward(pre[0], pre[1], pre[2], pre[3], V::loadu(c_prev + e, cnt), i, f, gg, o, c, hv);
+  const bool zero_in = state_zeroed_before(a.reset, B, b, t, n_b, a.reverse);
+  fastlstm::cell_forward(pre[0], pre[1], pre[2], pre[3], zero_in ? V(T(0)) : V::loadu(c_prev + e, cnt), i, f, gg, o,
+                         c, hv);
   i.store(g, cnt);
   f.store(g + H, cnt);
   gg.store(g + 2 * H, cnt);
   o.store(g + 3 * H, cnt);
   c.store(c_next, cnt);
   hv.store(y, cnt);
-  if (state) hv.store(state, cnt);
+  if (state) (state_zeroed_after(a.reset, B, b, t, n_b, a.reverse) ? V(T(0)) : hv).store(state, cnt);
 }
 
 // The buffer slot of processing step s (slot = time - tlo; time and step map to each other by
@@ -197,13 +200,15 @@ void backward_cell(const ChunkRecurrenceArgs<T, T>& a, int64_t ub, int64_t b, in
   constexpr int L = Blocking<T>::L;
   const int64_t H = a.H, B = a.B, j0 = ub * L, cnt = std::min<int64_t>(L, H - j0), e = b * H + j0;
   T* dg = dgates + b * 4 * H + j0;
-  const int64_t n_b = a.lengths ? a.lengths[b] : a.T;
+  const int64_t n_b = row_length(a.lengths, b, a.T);
   sum_h = sum_c = T(0);
   if (t >= n_b) {  // padding: no gate gradient, the carries pass through untouched
     for (int q = 0; q < 4; ++q) V(T(0)).store(dg + q * H, cnt);
     return;
   }
-  const int kind = carry_kind(step_of_time(t, n_b, a.reverse), n_b, a.opts.tbptt_chunk);
+  const int kind = carry_kind(step_of_time(t, n_b, a.reverse), n_b, a.opts.tbptt_chunk,
+                              state_zeroed_after(a.reset, B, b, t, n_b, a.reverse));
+  const bool zero_in = state_zeroed_before(a.reset, B, b, t, n_b, a.reverse);
   const T clip_rec = static_cast<T>(a.opts.clip_recurrent), clip_gates = static_cast<T>(a.opts.clip_gates);
   const T* g = a.gates + (slot * B + b) * 4 * H + j0;
   V dh = receive_carry(V::loadu(a.carry_h + e, cnt), kind, clip_rec);
@@ -211,8 +216,8 @@ void backward_cell(const ChunkRecurrenceArgs<T, T>& a, int64_t ub, int64_t b, in
   const V dc_in = receive_carry(V::loadu(a.carry_c + e, cnt), kind, clip_rec);
   V dgi, dgf, dgg, dgo, dct, dcp;
   fastlstm::cell_backward(V::loadu(g, cnt), V::loadu(g + H, cnt), V::loadu(g + 2 * H, cnt), V::loadu(g + 3 * H, cnt),
-                          V::loadu(a.c + slot * B * H + e, cnt), V::loadu(c_prev + e, cnt), dh, dc_in, dgi, dgf, dgg,
-                          dgo, dct, dcp);
+                          V::loadu(a.c + slot * B * H + e, cnt), zero_in ? V(T(0)) : V::loadu(c_prev + e, cnt), dh,
+                          dc_in, dgi, dgf, dgg, dgo, dct, dcp);
   clip_gate_grad(dgi, clip_gates).store(dg, cnt);
   clip_gate_grad(dgf, clip_gates).store(dg + H, cnt);
   clip_gate_grad(dgg, clip_gates).store(dg + 2 * H, cnt);
