@@ -102,16 +102,16 @@ def torch_contender(reference: nn.LSTM, device: torch.device) -> Contender:
 
 
 def fastlstm_contenders(reference: nn.LSTM, x: Tensor) -> list[Contender]:
-    """fastlstm with every backend that applies on x's device: 'cpu' on CPU; 'stepwise' and
-    'persistent' on CUDA (persistent only where ``persistent_support`` accepts the size)."""
+    """fastlstm with every backend that applies on x's device: 'cpu' on CPU; 'stepwise',
+    'persistent' and 'cluster' on CUDA (the last two where they accept the size and dtype)."""
     device = x.device
-    requested = ["auto"] if device.type == "cpu" else ["stepwise", "persistent"]
+    requested = ["auto"] if device.type == "cpu" else ["stepwise", "persistent", "cluster"]
     contenders = []
     for backend in requested:
         module = fastlstm.LSTM.from_torch(copy.deepcopy(reference), backend=backend)
         plan = dispatch.plan(module, x)
-        if plan.backend == "error":  # the requested backend cannot run this size (persistent_support)
-            contenders.append(Contender("fastlstm", backend, None, skipped=f"persistent_support: {plan.reason}"))
+        if plan.backend == "error":  # the requested backend cannot run this size or dtype
+            contenders.append(Contender("fastlstm", backend, None, skipped=f"{backend}: {plan.reason}"))
             continue
         contenders.append(_module_contender("fastlstm", plan.backend, module, str(plan)))
     return contenders

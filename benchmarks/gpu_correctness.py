@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Both CUDA backends against a float64 CPU reference on a few hard cases (run by gpu_check.py).
+"""The CUDA backends against a float64 CPU reference on a few hard cases (run by gpu_check.py).
 
     PYTHONPATH=. python3 benchmarks/gpu_correctness.py [--device cuda|cpu] [--cases NAME ...]
 
 Each case builds one float64 model and one input, rounds both to the dtype under test, and runs
-(a) that copy on the device with each backend (stepwise, persistent; on the CPU the CPU kernels) and
+(a) that copy on the device with each backend (stepwise, persistent, cluster; on the CPU the CPU
+kernels) and
 (b) the float64 CPU reference on the rounded values upcast to float64: ``torch.nn.LSTM`` for the
 cases it can compute, fastlstm's own CPU kernels in float64 where the case uses a fastlstm-only
 option (TBPTT, clipping, gradient norms, checkpointing; those CPU kernels are themselves checked
@@ -14,8 +15,8 @@ buffer is poisoned with NaN first, so an unwritten element fails.
 
 Error = max |device - reference| / max |reference| per tensor; a line per (case, backend, dtype)
 gives the worst tensor, its error and the tolerance (float64 1e-10, float32 1e-5, bfloat16 2e-2,
-float16 1e-2: the test suite's), PASS or FAIL; a size the persistent kernel refuses is SKIP with
-its reason. The last line is 'N passed, M failed, K skipped'; exit code 1 when anything failed.
+float16 1e-2: the test suite's), PASS or FAIL; a size or dtype the persistent or cluster kernel
+refuses is SKIP with its reason. The last line is 'N passed, M failed, K skipped'; exit code 1 when anything failed.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastlstm
 from fastlstm import _extension
-from fastlstm.dispatch import persistent_support
+from fastlstm.dispatch import cluster_support, persistent_support
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 TOLERANCE = {F64: 1e-10, F32: 1e-5, BF16: 2e-2, F16: 1e-2}
@@ -140,6 +141,10 @@ def relative_errors(actual: dict[str, Tensor], expected: dict[str, Tensor]) -> d
     return errors
 
 
+# The backends that refuse some layers, and the function that says why.
+SUPPORT = {"persistent": persistent_support, "cluster": cluster_support}
+
+
 def check(case: Case, dtype: torch.dtype, backends: list[str], device: str, seed: int) -> list[tuple[str, str]]:
     """(PASS | FAIL | SKIP, the line that says so) for each backend, against one reference."""
     generator = torch.Generator().manual_seed(seed)
@@ -155,10 +160,10 @@ def check(case: Case, dtype: torch.dtype, backends: list[str], device: str, seed
     lines = []
     for backend in backends:
         label = f"{case.name} {backend} {str(dtype).removeprefix('torch.')}"
-        if backend == "persistent":
-            ok, why = persistent_support(case.H, case.B, dtype, torch.device(device))
+        if backend in SUPPORT:
+            ok, why = SUPPORT[backend](case.H, case.B, dtype, torch.device(device))
             if not ok:
-                lines.append(("SKIP", f"SKIP {label}: persistent_support: {why}"))
+                lines.append(("SKIP", f"SKIP {label}: {SUPPORT[backend].__name__}: {why}"))
                 continue
         model.backend = backend
         try:
@@ -179,7 +184,7 @@ def check(case: Case, dtype: torch.dtype, backends: list[str], device: str, seed
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                        help="cuda: both CUDA backends (default); cpu: the CPU kernels (checks this script)")
+                        help="cuda: the CUDA backends (default); cpu: the CPU kernels (checks this script)")
     parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], metavar="NAME",
                         help="only these cases: " + ", ".join(c.name for c in CASES))
     parser.add_argument("--seed", type=int, default=0)
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not (torch.cuda.is_available() and fastlstm.cuda_compiled()):
         print("needs a CUDA GPU and a build with the CUDA kernels (use --device cpu to check the script)")
         return 1
-    backends = ["stepwise", "persistent"] if args.device == "cuda" else ["auto"]
+    backends = ["stepwise", "persistent", "cluster"] if args.device == "cuda" else ["auto"]
     torch.backends.cuda.matmul.fp32_precision = "ieee"  # float32 GEMMs without TF32: the 1e-5 tolerance
     _extension._C.set_poison_buffers(True)
     counts = {"PASS": 0, "FAIL": 0, "SKIP": 0}

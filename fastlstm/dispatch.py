@@ -37,8 +37,9 @@ def persistent_support(hidden_size: int, batch: int, dtype: torch.dtype, device:
 
 def cluster_support(hidden_size: int, batch: int, dtype: torch.dtype, device: torch.device,
                     proj_size: int = 0) -> tuple[bool, str]:
-    """Whether backend 'cluster' (the cluster kernel's forward, the persistent backward) can run this
-    layer on ``device``, and why not."""
+    """Whether backend 'cluster' (the cluster kernels; the persistent backward where the cluster
+    backward does not fit) can run this layer on ``device``, and why not; the reason names the
+    kernel that runs the backward."""
     if device.type != "cuda":
         return False, "the cluster kernel is CUDA only"
     if not _extension.cuda_compiled():

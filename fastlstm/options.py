@@ -29,8 +29,9 @@ class KernelOptions:
     backend: ``"auto"`` (fastest kernel that supports the call), ``"stepwise"`` (GEMM + fused cell
         per step; every device and size) or ``"persistent"`` (one CUDA launch for the whole
         sequence; CUDA only, see ``fastlstm.explain``) or ``"cluster"`` (opt-in, bfloat16/float16
-        on Hopper: the thread-block-cluster forward, validated only on the CPU harness so far,
-        with the persistent backward; ``"auto"`` never picks it).
+        on Hopper: the thread-block-cluster forward and backward, validated only on the CPU
+        harness so far; the persistent backward where the cluster backward does not fit;
+        ``"auto"`` never picks it).
     tbptt_chunk: k, or None. The backward cuts the gradient carried through (h, c) between step
         s and s - 1 whenever s is a multiple of k, counting steps from the first step of the call
         in each direction's processing order (the reverse direction counts from each sequence's

@@ -1,5 +1,5 @@
-// Cluster-resident LSTM forward for bfloat16 / float16 (persistent kernel v2, issue 10; DESIGN.md
-// section 11).
+// Cluster-resident LSTM forward and backward for bfloat16 / float16 (persistent kernel v2, issue
+// 10; DESIGN.md section 11). The forward is described here, the backward at its kernel.
 //
 // One launch runs every step of a chunk. The batch is cut into slices of rows_per_cluster rows
 // (a multiple of 8, the N of the tensor-core product), one slice per thread-block cluster; the
@@ -13,8 +13,8 @@
 //   2. the cell in fp32 registers on this thread's fixed (unit, row) elements: Gx + bias (loaded
 //      during the previous step's barrier) + pre, c carried in registers from step to step;
 //      gates, c, y (and r) written exactly as the persistent kernel writes them;
-//   3. h_t (the carried state: h on live rows, h_{t-1} on padded ones, zero before a reset) stored into every block's
-//      shared memory over DSMEM, into the buffer of the next step's parity;
+//   3. h_t (the carried state: h on live rows, h_{t-1} on padded ones, zero before a reset)
+//      stored into every block's shared memory over DSMEM, into the buffer of the next step's parity;
 //   4. one cluster barrier, split: arrive, load the next step's Gx + bias, wait.
 // Double-buffering h by step parity makes one barrier per step enough: a block writes a peer's
 // buffer for step t + 1 only after the barrier that ends step t, which the peer reaches after its
@@ -36,6 +36,7 @@
 #include <utility>
 
 #include "../fastlstm/cell_math.h"
+#include "block_reduce.cuh"
 #include "launch.cuh"
 #include "mma.cuh"
 
@@ -55,15 +56,36 @@ constexpr int kPad = 8;
 __host__ __device__ constexpr int round_up(int n, int m) { return (n + m - 1) / m * m; }
 __host__ __device__ constexpr size_t align16(size_t n) { return (n + 15) / 16 * 16; }
 
-// One block's shared memory, from the plan's numbers (the host sizes it, the kernel carves it).
-struct Layout {
+// One forward block's shared memory, from the plan's numbers (the host sizes it, the kernel carves it).
+struct ForwardLayout {
   int Kp, Mp, ldw, ldh, ldp;
   size_t h_off, pre_off, bytes;
-  __host__ __device__ Layout(int H, int hb, int Np)
+  __host__ __device__ ForwardLayout(int H, int hb, int Np)
       : Kp(round_up(H, 16)), Mp(round_up(4 * hb, 16)), ldw(Kp + kPad), ldh(Kp + kPad), ldp(Mp + 4) {
     h_off = align16(sizeof(uint16_t) * Mp * ldw);                      // W slice (Mp, ldw)
     pre_off = h_off + align16(sizeof(uint16_t) * 2 * Np * ldh);        // h (2, Np, ldh)
     bytes = pre_off + align16(sizeof(float) * Np * ldp);               // products (Np, ldp)
+  }
+};
+
+// One backward block's shared memory. The block owns units [u0, u0 + hb) and computes their
+// carry dL/dh_{t-1} = dG_t W_hh[:, own units]: M = the units (padded to 16), N = the slice's rows,
+// K = all 4H gate columns (padded to 16), so it keeps W_hh's columns of its units and receives
+// every block's dG_t. K is ordered unit-major, k = 4 j + q for gate q of unit j (a sum's order
+// is free): a thread's four gate gradients are then adjacent, one 8-byte DSMEM store per peer.
+// The K loop is split over ksplit warps when the M x N tiles are fewer than the warps; their
+// partial sums are added in a fixed order (deterministic).
+struct BackwardLayout {
+  int Mp, Kp, ldw, ldg, ldp, ksplit;
+  size_t g_off, part_off, norm_off, bytes;
+  __host__ __device__ BackwardLayout(int H, int hb, int Np)
+      : Mp(round_up(hb, 16)), Kp(round_up(4 * H, 16)), ldw(Kp + kPad), ldg(Kp + kPad), ldp(Mp + 4) {
+    const int tiles = Mp / 16 * (Np / 8), ktiles = Kp / 16;
+    ksplit = kWarps / tiles < 1 ? 1 : (kWarps / tiles < ktiles ? kWarps / tiles : ktiles);
+    g_off = align16(sizeof(uint16_t) * Mp * ldw);                           // W^T slice (Mp, ldw)
+    part_off = g_off + align16(sizeof(uint16_t) * 2 * Np * ldg);            // dG (2, Np, ldg)
+    norm_off = part_off + align16(sizeof(float) * ksplit * Np * ldp);       // products (ksplit, Np, ldp)
+    bytes = norm_off + align16(sizeof(float) * 2 * kWarps * 2);             // norm partials (2, warps, 2)
   }
 };
 
@@ -107,7 +129,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   cg::cluster_group cluster = cg::this_cluster();
   // Sizes fit in 32 bits (checked at launch).
   const int H = static_cast<int>(a.H), B = static_cast<int>(a.B);
-  const Layout L(H, hb, Np);
+  const ForwardLayout L(H, hb, Np);
   uint16_t* w = reinterpret_cast<uint16_t*>(smem);                 // row q * hb + u: W_hh[q * H + u0 + u, :]
   uint16_t* hbuf = reinterpret_cast<uint16_t*>(smem + L.h_off);    // [parity][row][k]: the slice's h_{t-1}
   float* pre = reinterpret_cast<float*>(smem + L.pre_off);         // [row][q * hb + u]: h_{t-1} W_hh^T
@@ -227,9 +249,215 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+// What the cell backward of one element reads at one step: the saved activations, c_t, c_{t-1}
+// and dL/dy_t.
+template <class acc_t>
+struct CellGradInputs {
+  acc_t g[4], c, c_prev, dy;
+};
+
+template <class scalar_t, class acc_t>
+__device__ __forceinline__ void load_grad_inputs(const ChunkRecurrenceArgs<scalar_t, acc_t>& a, int64_t i,
+                                                 const int (&n)[kElems], const int (&j)[kElems],
+                                                 const bool (&mine)[kElems], int b0,
+                                                 CellGradInputs<acc_t> (&in)[kElems]) {
+  const int64_t s = a.s0 + i, t = a.reverse ? a.T - 1 - s : s, slot = t - a.tlo;
+  const int64_t H = a.H, BH = a.B * H;
+  const acc_t* c_prev = i == 0 ? a.c_init : a.c + ((a.reverse ? a.T - s : s - 1) - a.tlo) * BH;
+#pragma unroll
+  for (int k = 0; k < kElems; ++k) {
+    if (!mine[k]) continue;
+    const int64_t b = b0 + n[k], e = b * H + j[k];
+    const acc_t* g = a.gates + slot * 4 * BH + b * 4 * H + j[k];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) in[k].g[q] = g[q * H];
+    in[k].c = a.c[slot * BH + e];
+    in[k].c_prev = c_prev[e];
+    in[k].dy = a.dy ? static_cast<acc_t>(a.dy[t * BH + e]) : acc_t(0);
+  }
+}
+
+// The backward of a chunk, steps in reverse processing order. Per step:
+//   1. the cell backward of this thread's (unit, row) elements: dG_t from the raw carries (in
+//      registers), written to dgates and over DSMEM into every block's dG buffer of the step's
+//      parity; the gradient-norm partials per warp;
+//   2. one cluster barrier, split: arrive, load the next step's saved activations, wait;
+//   3. tensor cores: carry_h[n][u] += dG_t[n, :] . W_hh[:, u0 + u] (A = W_hh^T slice, B = dG_t),
+//      partial sums over ksplit k ranges staged in shared memory, added in a fixed order.
+// Same semantics as persistent_backward_kernel (cell_math.h): padded rows pass their carries
+// through, truncation, resets and recurrent clipping act on the received carry, gate clipping on
+// dG_t, the norms are those of dL/dh_t and dL/dc_t; the carries in and out are raw.
+template <class scalar_t, class acc_t>
+__global__ void __launch_bounds__(kThreads, 1)
+    cluster_backward_kernel(const ChunkRecurrenceArgs<scalar_t, acc_t> a, const int hb, const int Np) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();
+#else
+  constexpr MmaInput kIn = std::is_same_v<scalar_t, c10::BFloat16> ? MmaInput::BF16 : MmaInput::F16;
+  FASTLSTM_DYNAMIC_SMEM(smem);
+  cg::cluster_group cluster = cg::this_cluster();
+  const int H = static_cast<int>(a.H), B = static_cast<int>(a.B), G = 4 * H;
+  const BackwardLayout L(H, hb, Np);
+  uint16_t* w = reinterpret_cast<uint16_t*>(smem);                  // [u][4 j + q] = W_hh[q H + j, u0 + u]
+  uint16_t* dgbuf = reinterpret_cast<uint16_t*>(smem + L.g_off);    // [parity][row][4 j + q]: the slice's dG_t
+  float* part = reinterpret_cast<float*>(smem + L.part_off);        // [k range][row][u]: dG_t W_hh[:, own]
+  float* norm_warps = reinterpret_cast<float*>(smem + L.norm_off);  // [parity][warp][h, c]
+  const int C = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
+  const int u0 = rank * hb, units = std::max(0, std::min(hb, H - u0));
+  const int b0 = static_cast<int>(blockIdx.x) / C * Np, rows = std::max(0, std::min(Np, B - b0));
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
+
+  // Zero W and both dG buffers: padded units, rows and gate columns enter the products as zeros.
+  for (int i = tid; i < static_cast<int>(L.part_off / 4); i += kThreads) reinterpret_cast<uint32_t*>(smem)[i] = 0;
+  __syncthreads();
+  // Neighbouring threads read neighbouring columns of one W_hh row (coalesced).
+  for (int i = tid; i < units * G; i += kThreads) {
+    const int m = i / units, u = i - m * units, q = m / H, j = m - q * H;
+    w[u * L.ldw + 4 * j + q] = bits(a.w_hh[static_cast<int64_t>(m) * H + u0 + u]);
+  }
+  int en[kElems], ej[kElems];
+  bool mine[kElems];
+  acc_t carry_h[kElems], carry_c[kElems];
+  CellGradInputs<acc_t> in[kElems];
+#pragma unroll
+  for (int k = 0; k < kElems; ++k) {
+    const int e = tid + k * kThreads, n = e / hb, u = e - n * hb;
+    en[k] = n;
+    ej[k] = u0 + u;
+    mine[k] = n < rows && u < units;
+    const int64_t g = static_cast<int64_t>(b0 + n) * H + u0 + u;
+    carry_h[k] = mine[k] ? a.carry_h[g] : acc_t(0);
+    carry_c[k] = mine[k] ? a.carry_c[g] : acc_t(0);
+  }
+  load_grad_inputs(a, a.n - 1, en, ej, mine, b0, in);
+  // Every block's buffers are zeroed before any peer writes into them.
+  cluster.sync();
+
+  const acc_t clip_rec = static_cast<acc_t>(a.opts.clip_recurrent);
+  const acc_t clip_gates = static_cast<acc_t>(a.opts.clip_gates);
+  const int64_t BH = static_cast<int64_t>(B) * H;
+  const int mtiles = L.Mp / 16, ntiles = Np / 8, ktiles = L.Kp / 16;
+  const int tiles = static_cast<int>(gridDim.x);
+  for (int64_t i = a.n - 1; i >= 0; --i) {
+    const int64_t s = a.s0 + i;
+    const int64_t t = a.reverse ? a.T - 1 - s : s;
+    const int64_t slot = t - a.tlo;
+    const int parity = static_cast<int>(i % 2);
+    uint16_t* dg_step = dgbuf + parity * Np * L.ldg;
+
+    // 1. The cell backward; dG_t to every block of the cluster.
+    acc_t sum_h = 0, sum_c = 0;
+    scalar_t* dgates = a.dgates + slot * 4 * BH;
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) {
+      if (!mine[k]) continue;
+      const int n = en[k], j = ej[k], b = b0 + n;
+      scalar_t* dg = dgates + static_cast<int64_t>(b) * G + j;
+      const int64_t n_b = row_length(a.lengths, b, a.T);
+      uint16_t sent[4] = {0, 0, 0, 0};  // dG_t of gates i, f, g, o
+      if (t >= n_b) {  // padding: no gate gradient, the carries pass through untouched
+#pragma unroll
+        for (int q = 0; q < 4; ++q) dg[q * H] = scalar_t(0);
+      } else {
+        const int kind = carry_kind(step_of_time(t, n_b, a.reverse), n_b, a.opts.tbptt_chunk,
+                                    state_zeroed_after(a.reset, B, b, t, n_b, a.reverse));
+        const bool zero_in = state_zeroed_before(a.reset, B, b, t, n_b, a.reverse);
+        const acc_t dh = receive_carry(carry_h[k], kind, clip_rec) + in[k].dy;
+        const acc_t dc_in = receive_carry(carry_c[k], kind, clip_rec);
+        acc_t d[4], dct, dcp;
+        fastlstm::cell_backward<acc_t>(in[k].g[0], in[k].g[1], in[k].g[2], in[k].g[3], in[k].c,
+                                       zero_in ? acc_t(0) : in[k].c_prev, dh, dc_in, d[0], d[1], d[2], d[3], dct,
+                                       dcp);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const scalar_t v = static_cast<scalar_t>(clip_gate_grad(d[q], clip_gates));
+          dg[q * H] = v;
+          sent[q] = bits(v);
+        }
+        carry_c[k] = dcp;
+        carry_h[k] = acc_t(0);  // what skips the step; dG_t W_hh is added in phase 3
+        sum_h += dh * dh;
+        sum_c += dct * dct;
+      }
+      const uint64_t packed = uint64_t(sent[0]) | uint64_t(sent[1]) << 16 | uint64_t(sent[2]) << 32 |
+                              uint64_t(sent[3]) << 48;
+      // 8-byte aligned: ldg and the buffer offsets are multiples of 8 elements.
+      for (int r = 0; r < C; ++r) {
+        *reinterpret_cast<uint64_t*>(cluster.map_shared_rank(dg_step, r) + n * L.ldg + 4 * j) = packed;
+      }
+    }
+    if (a.norm_partial) {
+      sum_h = warp_sum(sum_h);
+      sum_c = warp_sum(sum_c);
+      if (lane == 0) {
+        norm_warps[(parity * kWarps + warp) * 2] = static_cast<float>(sum_h);
+        norm_warps[(parity * kWarps + warp) * 2 + 1] = static_cast<float>(sum_c);
+      }
+    }
+
+    // 2. The step's only barrier; the next step's inputs load while the other blocks arrive.
+    cluster.barrier_arrive();
+    if (i > 0) load_grad_inputs(a, i - 1, en, ej, mine, b0, in);
+    cluster.barrier_wait();
+    if (a.norm_partial && tid == 0) {
+      // One (h, c) pair per block and step, summed over its warps in a fixed order.
+      acc_t h = 0, c = 0;
+      for (int q = 0; q < kWarps; ++q) {
+        h += norm_warps[(parity * kWarps + q) * 2];
+        c += norm_warps[(parity * kWarps + q) * 2 + 1];
+      }
+      acc_t* np = a.norm_partial + t * 2 * tiles;
+      np[blockIdx.x] = h;
+      np[tiles + blockIdx.x] = c;
+    }
+
+    // 3. dG_t W_hh[:, own units] on the tensor cores, a warp per (16 x 8 tile, k range).
+    for (int item = warp; item < mtiles * ntiles * L.ksplit; item += kWarps) {
+      const int mt = item % mtiles, nt = item / mtiles % ntiles, ks = item / (mtiles * ntiles);
+      const int k0 = ks * ktiles / L.ksplit, k1 = (ks + 1) * ktiles / L.ksplit;
+      const uint16_t* w_tile = w + mt * 16 * L.ldw;
+      const uint16_t* g_tile = dg_step + nt * 8 * L.ldg;
+      FragmentC even = {}, odd = {};
+#pragma unroll 2
+      for (int kt = k0; kt < k1; kt += 2) {
+        mma_m16n8k16<kIn>(even, load_fragment_a(w_tile + kt * 16, L.ldw), load_fragment_b(g_tile + kt * 16, L.ldg),
+                          even);
+        if (kt + 1 < k1) {  // warp-uniform
+          mma_m16n8k16<kIn>(odd, load_fragment_a(w_tile + (kt + 1) * 16, L.ldw),
+                            load_fragment_b(g_tile + (kt + 1) * 16, L.ldg), odd);
+        }
+      }
+      float* p = part + ks * Np * L.ldp;
+      const int m = mt * 16 + lane / 4, n = nt * 8 + 2 * (lane % 4);
+      p[n * L.ldp + m] = even.reg[0] + odd.reg[0];
+      p[(n + 1) * L.ldp + m] = even.reg[1] + odd.reg[1];
+      p[n * L.ldp + m + 8] = even.reg[2] + odd.reg[2];
+      p[(n + 1) * L.ldp + m + 8] = even.reg[3] + odd.reg[3];
+    }
+    __syncthreads();
+    // part is rewritten after the next step's barrier, which every thread reaches after this read.
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) {
+      if (!mine[k]) continue;
+      const int at = en[k] * L.ldp + (ej[k] - u0);
+      acc_t sum = 0;
+      for (int ks = 0; ks < L.ksplit; ++ks) sum += part[ks * Np * L.ldp + at];
+      carry_h[k] += sum;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kElems; ++k) {
+    if (!mine[k]) continue;
+    const int64_t e = static_cast<int64_t>(b0 + en[k]) * H + ej[k];
+    a.carry_h[e] = carry_h[k];
+    a.carry_c[e] = carry_c[k];
+  }
+#endif
+}
+
 template <class scalar_t>
-auto kernel_for() {
-  return &cluster_forward_kernel<scalar_t, float>;
+auto kernel_for(bool backward) {
+  return backward ? &cluster_backward_kernel<scalar_t, float> : &cluster_forward_kernel<scalar_t, float>;
 }
 
 cudaLaunchConfig_t cluster_config(int clusters, int C, size_t smem, cudaStream_t stream, cudaLaunchAttribute* attr) {
@@ -276,8 +504,14 @@ int resident_clusters(Kernel kernel, int C, size_t smem) {
   return n;
 }
 
+// One block's shared memory for a (direction, shape).
+size_t layout_bytes(bool backward, int64_t H, int hb, int rows) {
+  const int h = static_cast<int>(H);
+  return backward ? BackwardLayout(h, hb, rows).bytes : ForwardLayout(h, hb, rows).bytes;
+}
+
 template <class scalar_t>
-ClusterPlan plan_for(int64_t H, int64_t B, int device) {
+ClusterPlan plan_for(int64_t H, int64_t B, int device, bool backward) {
   ClusterPlan p;
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
   if (prop->major < 9 || !prop->clusterLaunch) {
@@ -288,13 +522,14 @@ ClusterPlan plan_for(int64_t H, int64_t B, int device) {
     p.reason = "the cluster kernel needs batch * 4 * hidden_size < 2^31";
     return p;
   }
-  auto kernel = kernel_for<scalar_t>();
+  auto kernel = kernel_for<scalar_t>(backward);
   set_attributes(kernel, device);
   const size_t smem_max = prop->sharedMemPerBlockOptin, reserve = 1024;
+  const char* what = backward ? "W_hh's columns and two steps of gate gradients do not fit" : "W_hh does not fit";
   for (const int C : {16, 8}) {
     const int hb = static_cast<int>((H + C - 1) / C);
     const int rows_max = kElems * kThreads / hb / 8 * 8;  // cell elements per thread are bounded
-    const size_t least = Layout(static_cast<int>(H), hb, 8).bytes;
+    const size_t least = layout_bytes(backward, H, hb, 8);
     if (rows_max < 8) {
       p.reason = "hidden_size " + std::to_string(H) + " is too large for the cluster kernel: " + std::to_string(hb) +
                  " units per block of a " + std::to_string(C) + "-block cluster, at most " +
@@ -302,7 +537,7 @@ ClusterPlan plan_for(int64_t H, int64_t B, int device) {
       continue;
     }
     if (least + reserve > smem_max) {
-      p.reason = "W_hh does not fit on chip: a block of a " + std::to_string(C) + "-block cluster needs " +
+      p.reason = std::string(what) + " on chip: a block of a " + std::to_string(C) + "-block cluster needs " +
                  std::to_string(least / 1024) + " KiB of shared memory for " + std::to_string(hb) +
                  " hidden units (this version keeps W_hh in shared memory), the device allows " +
                  std::to_string(smem_max / 1024) + " KiB";
@@ -317,44 +552,68 @@ ClusterPlan plan_for(int64_t H, int64_t B, int device) {
     const int64_t tiles = (B + 7) / 8;
     int rows = static_cast<int>(8 * ((tiles + resident - 1) / resident));
     rows = std::min(rows, rows_max);
-    while (rows > 8 && Layout(static_cast<int>(H), hb, rows).bytes + reserve > smem_max) rows -= 8;
+    // Larger slices need more shared memory: at least one such cluster must still fit an SM.
+    while (rows > 8 && (layout_bytes(backward, H, hb, rows) + reserve > smem_max ||
+                        resident_clusters(kernel, C, layout_bytes(backward, H, hb, rows)) == 0)) {
+      rows -= 8;
+    }
     p.ok = true;
     p.cluster = C;
     p.units_per_block = hb;
     p.rows_per_cluster = rows;
     p.clusters = static_cast<int>((B + rows - 1) / rows);
     p.threads = kThreads;
-    p.smem_bytes = Layout(static_cast<int>(H), hb, rows).bytes;
-    p.reason = "cluster: " + std::to_string(p.clusters) + " clusters x " + std::to_string(C) + " blocks x " +
-               std::to_string(hb) + " hidden units, " + std::to_string(rows) +
-               " batch rows per cluster; W_hh in shared memory, gates on tensor cores (mma m16n8k16), h_t over "
-               "DSMEM, one cluster barrier per step, no grid barrier";
+    p.smem_bytes = layout_bytes(backward, H, hb, rows);
+    const std::string shape = std::to_string(p.clusters) + " clusters x " + std::to_string(C) + " blocks x " +
+                              std::to_string(hb) + " hidden units, " + std::to_string(rows) +
+                              " batch rows per cluster; ";
+    p.reason = backward ? "cluster backward: " + shape +
+                              "W_hh's columns in shared memory, dG_t W_hh on tensor cores (mma m16n8k16, K split "
+                              "over " + std::to_string(BackwardLayout(static_cast<int>(H), hb, rows).ksplit) +
+                              " warps), dG_t over DSMEM, one cluster barrier per step, no grid barrier"
+                        : "cluster: " + shape +
+                              "W_hh in shared memory, gates on tensor cores (mma m16n8k16), h_t over DSMEM, one "
+                              "cluster barrier per step, no grid barrier";
     return p;
   }
   return p;
 }
 
-const ClusterPlan& cached_plan(int64_t H, int64_t B, c10::ScalarType dtype, int device) {
+const ClusterPlan& cached_plan(int64_t H, int64_t B, c10::ScalarType dtype, int device, bool backward) {
   // Keyed by the device limits too, which the CPU harness's tests change.
-  using Key = std::tuple<int, int64_t, int64_t, c10::ScalarType, size_t, int>;
+  using Key = std::tuple<int, int64_t, int64_t, c10::ScalarType, size_t, int, bool>;
   static std::mutex mutex;
   static std::map<Key, ClusterPlan> plans;
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
-  const Key key{device, H, B, dtype, prop->sharedMemPerBlockOptin, prop->multiProcessorCount};
+  const Key key{device, H, B, dtype, prop->sharedMemPerBlockOptin, prop->multiProcessorCount, backward};
   {
     const std::lock_guard<std::mutex> lock(mutex);
     if (auto it = plans.find(key); it != plans.end()) return it->second;
   }
-  ClusterPlan p = cluster_plan(H, B, dtype, device);
+  ClusterPlan p = cluster_plan(H, B, dtype, device, backward);
   const std::lock_guard<std::mutex> lock(mutex);
   return plans.emplace(key, std::move(p)).first->second;
 }
 
+template <class scalar_t, class acc_t>
+void launch(const ChunkRecurrenceArgs<scalar_t, acc_t>& a, bool backward) {
+  if (a.B == 0 || a.H == 0 || a.n == 0) return;
+  const int device = c10::cuda::current_device();
+  const ClusterPlan& plan = cached_plan(a.H, a.B, c10::CppTypeToScalarType<scalar_t>::value, device, backward);
+  TORCH_CHECK(plan.ok, "fastlstm: the cluster kernel cannot run this layer", backward ? "'s backward: " : ": ",
+              plan.reason);
+  cudaLaunchAttribute attr[1];
+  const cudaLaunchConfig_t config =
+      cluster_config(plan.clusters, plan.cluster, plan.smem_bytes, at::cuda::getCurrentCUDAStream(), attr);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel_for<scalar_t>(backward), a, plan.units_per_block,
+                                    plan.rows_per_cluster));
+}
+
 }  // namespace
 
-ClusterPlan cluster_plan(int64_t H, int64_t B, c10::ScalarType dtype, int device) {
-  if (dtype == c10::kBFloat16) return plan_for<c10::BFloat16>(H, B, device);
-  if (dtype == c10::kHalf) return plan_for<c10::Half>(H, B, device);
+ClusterPlan cluster_plan(int64_t H, int64_t B, c10::ScalarType dtype, int device, bool backward) {
+  if (dtype == c10::kBFloat16) return plan_for<c10::BFloat16>(H, B, device, backward);
+  if (dtype == c10::kHalf) return plan_for<c10::Half>(H, B, device, backward);
   ClusterPlan p;
   p.reason = std::string("the cluster kernel runs bfloat16 and float16 only (tensor cores), got ") + c10::toString(dtype);
   return p;
@@ -362,18 +621,19 @@ ClusterPlan cluster_plan(int64_t H, int64_t B, c10::ScalarType dtype, int device
 
 template <class scalar_t, class acc_t>
 void cluster_forward(const ChunkRecurrenceArgs<scalar_t, acc_t>& a) {
-  if (a.B == 0 || a.H == 0 || a.n == 0) return;
-  const int device = c10::cuda::current_device();
-  const ClusterPlan& plan = cached_plan(a.H, a.B, c10::CppTypeToScalarType<scalar_t>::value, device);
-  TORCH_CHECK(plan.ok, "fastlstm: the cluster kernel cannot run this layer: ", plan.reason);
-  cudaLaunchAttribute attr[1];
-  const cudaLaunchConfig_t config =
-      cluster_config(plan.clusters, plan.cluster, plan.smem_bytes, at::cuda::getCurrentCUDAStream(), attr);
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, &cluster_forward_kernel<scalar_t, acc_t>, a, plan.units_per_block,
-                                    plan.rows_per_cluster));
+  launch(a, false);
 }
 
-template void cluster_forward<c10::Half, float>(const ChunkRecurrenceArgs<c10::Half, float>&);
-template void cluster_forward<c10::BFloat16, float>(const ChunkRecurrenceArgs<c10::BFloat16, float>&);
+template <class scalar_t, class acc_t>
+void cluster_backward(const ChunkRecurrenceArgs<scalar_t, acc_t>& a) {
+  launch(a, true);
+}
+
+#define FASTLSTM_INSTANTIATE(S)                                                        \
+  template void cluster_forward<S, float>(const ChunkRecurrenceArgs<S, float>&);      \
+  template void cluster_backward<S, float>(const ChunkRecurrenceArgs<S, float>&);
+FASTLSTM_INSTANTIATE(c10::Half)
+FASTLSTM_INSTANTIATE(c10::BFloat16)
+#undef FASTLSTM_INSTANTIATE
 
 }  // namespace fastlstm::cuda

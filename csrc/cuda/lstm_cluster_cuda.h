@@ -1,5 +1,6 @@
-// The cluster-resident LSTM forward (persistent kernel v2, issue 10): thread-block clusters hold
-// W_hh on chip, tensor cores compute the gates, h_t crosses the cluster's blocks over DSMEM.
+// The cluster-resident LSTM recurrence (persistent kernel v2, issue 10): thread-block clusters hold
+// W_hh on chip, tensor cores compute the gates (forward) and dG_t W_hh (backward), h_t (dG_t)
+// crosses the cluster's blocks over DSMEM.
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -23,11 +24,16 @@ struct ClusterPlan {
   size_t smem_bytes = 0;
 };
 
-// bfloat16 / float16 only, no projection (the caller checks proj_size).
-ClusterPlan cluster_plan(int64_t H, int64_t B, c10::ScalarType dtype, int device);
+// bfloat16 / float16 only, no projection (the caller checks proj_size). The backward kernel's
+// plan differs (it receives all 4H gate gradients of a step, not the H hidden values).
+ClusterPlan cluster_plan(int64_t H, int64_t B, c10::ScalarType dtype, int device, bool backward = false);
 
-// Half types only: the forward of a chunk, same semantics and saved tensors as persistent_forward.
+// Half types only: the forward and the backward of a chunk, same semantics and saved tensors as
+// persistent_forward / persistent_backward (the backward's norm partials: one per block of the
+// backward plan, clusters x cluster).
 template <class scalar_t, class acc_t>
 void cluster_forward(const ChunkRecurrenceArgs<scalar_t, acc_t>& a);
+template <class scalar_t, class acc_t>
+void cluster_backward(const ChunkRecurrenceArgs<scalar_t, acc_t>& a);
 
 }  // namespace fastlstm::cuda

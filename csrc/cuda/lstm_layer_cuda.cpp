@@ -1,6 +1,6 @@
 // The layer ops on CUDA: the shared driver with cuBLAS GEMMs and the CUDA pointwise kernels
 // (backend "stepwise"), or the persistent kernels for the recurrence (backend "persistent"), or
-// the cluster kernel's forward with the persistent backward (backend "cluster", opt-in).
+// the cluster kernels (backend "cluster", opt-in).
 // Everything runs on the current stream of the input's device, workspaces come from the
 // caching allocator, and nothing synchronises with the host.
 #include <ATen/cuda/CUDAContext.h>
@@ -88,8 +88,20 @@ struct CudaPolicy {
   static void state_select(const StateSelectArgs<S>& a) { cuda::state_select<S>(a); }
 };
 
-// Backend "cluster": the forward (and the backward's recomputation of checkpointed chunks) on the
-// cluster kernel, the backward on the persistent kernel, which reads the same saved tensors.
+// The dtypes the cluster kernels run (tensor cores on 16-bit inputs).
+template <class S>
+constexpr bool kHalfType = std::is_same_v<S, c10::Half> || std::is_same_v<S, c10::BFloat16>;
+
+// Whether the cluster backward runs a layer (else the persistent backward does, on the same
+// saved tensors).
+bool cluster_backward_runs(int64_t H, int64_t B, c10::ScalarType dtype) {
+  return cluster_plan(H, B, dtype, c10::cuda::current_device(), true).ok;
+}
+
+// Backend "cluster": the recurrence on the cluster kernels (the forward, the backward's
+// recomputation of checkpointed chunks, the backward); the backward on the persistent kernel
+// where the cluster backward's buffers do not fit (it receives 4H gate gradients per row and
+// step, the forward H hidden values).
 struct CudaClusterPolicy : CudaPolicy {
   template <class S>
   class Recurrent : public CudaPolicy::Recurrent<S> {
@@ -97,18 +109,37 @@ struct CudaClusterPolicy : CudaPolicy {
     using A = at::opmath_type<S>;
     using CudaPolicy::Recurrent<S>::Recurrent;
     void fused_forward(const ChunkRecurrenceArgs<S, A>& a) {
-      if constexpr (std::is_same_v<S, c10::Half> || std::is_same_v<S, c10::BFloat16>) {
+      if constexpr (kHalfType<S>) {
         cluster_forward<S, A>(a);
       } else {
         TORCH_CHECK(false, "fastlstm: the cluster kernel runs bfloat16 and float16 only");
       }
     }
+    void fused_backward(const ChunkRecurrenceArgs<S, A>& a) {
+      if constexpr (kHalfType<S>) {
+        if (cluster_backward_runs(a.H, a.B, c10::CppTypeToScalarType<S>::value)) {
+          cluster_backward<S, A>(a);
+          return;
+        }
+      }
+      persistent_backward<S, A>(a);
+    }
   };
+
+  // The backward's norm partials: one per block of the kernel that runs it.
+  template <class S>
+  static int64_t norm_tiles(int64_t H, int64_t B, bool fused) {
+    if (fused && kHalfType<S> && cluster_backward_runs(H, B, c10::CppTypeToScalarType<S>::value)) {
+      const ClusterPlan plan = cluster_plan(H, B, c10::CppTypeToScalarType<S>::value, c10::cuda::current_device(), true);
+      return static_cast<int64_t>(plan.clusters) * plan.cluster;
+    }
+    return CudaPolicy::norm_tiles<S>(H, B, fused);
+  }
 };
 
 // Which kernels run the recurrence. "auto" runs the stepwise kernels until the persistent ones
 // have been validated on a GPU (it never picks "cluster"); "persistent" and "cluster" run where
-// they can, and say why not otherwise. with_backward: a backward will run (on the persistent kernel).
+// they can, and say why not otherwise. with_backward: a backward will run.
 enum class Recurrence { Stepwise, Persistent, Cluster };
 
 Recurrence recurrence_for(std::string_view backend, const LayerInputs& in, bool with_backward) {
@@ -122,10 +153,11 @@ Recurrence recurrence_for(std::string_view backend, const LayerInputs& in, bool 
   }
   const auto [ok, reason] = cluster_support(H, B, in.x.scalar_type(), proj, in.x.get_device());
   TORCH_CHECK(ok, "fastlstm: backend='cluster' cannot run this layer: ", reason);
-  if (with_backward) {
-    const PersistentPlan bwd = persistent_plan(H, B, in.x.scalar_type(), static_cast<int>(in.x.get_device()), true);
-    TORCH_CHECK(bwd.ok, "fastlstm: backend='cluster' runs the backward on the persistent kernel, which cannot run "
-                "this layer: ", bwd.reason);
+  if (with_backward && !cluster_backward_runs(H, B, in.x.scalar_type())) {
+    const int device = static_cast<int>(in.x.get_device());
+    const PersistentPlan bwd = persistent_plan(H, B, in.x.scalar_type(), device, true);
+    TORCH_CHECK(bwd.ok, "fastlstm: backend='cluster' cannot run the backward of this layer: the cluster backward: ",
+                cluster_plan(H, B, in.x.scalar_type(), device, true).reason, "; the persistent backward: ", bwd.reason);
   }
   return Recurrence::Cluster;
 }
@@ -196,8 +228,15 @@ std::tuple<bool, std::string> persistent_support(int64_t hidden_size, int64_t ba
 std::tuple<bool, std::string> cluster_support(int64_t hidden_size, int64_t batch, c10::ScalarType dtype,
                                               int64_t proj_size, int64_t device) {
   if (proj_size > 0) return {false, "the cluster kernel does not support proj_size > 0"};
-  const ClusterPlan plan = cluster_plan(hidden_size, batch, dtype, static_cast<int>(device));
-  return {plan.ok, plan.reason};
+  const int dev = static_cast<int>(device);
+  const ClusterPlan fwd = cluster_plan(hidden_size, batch, dtype, dev, false);
+  if (!fwd.ok) return {false, fwd.reason};
+  const ClusterPlan bwd = cluster_plan(hidden_size, batch, dtype, dev, true);
+  if (bwd.ok) return {true, fwd.reason + "; " + bwd.reason};
+  const PersistentPlan persistent = persistent_plan(hidden_size, batch, dtype, dev, true);
+  return {true, fwd.reason + "; backward on the persistent kernel (the cluster backward: " + bwd.reason + ")" +
+                    (persistent.ok ? "" : ", which cannot run it either: " + persistent.reason +
+                                          " (inference only)")};
 }
 
 }  // namespace fastlstm::cuda

@@ -12,7 +12,8 @@ namespace fastlstm::cuda {
 std::tuple<bool, std::string> persistent_support(int64_t hidden_size, int64_t batch, c10::ScalarType dtype,
                                                  int64_t proj_size, int64_t device);
 
-// The same for backend "cluster": the cluster kernel's forward, the persistent backward.
+// The same for backend "cluster": whether the cluster forward runs; the reason also says which
+// kernel runs the backward (the cluster backward, else the persistent one, else none).
 std::tuple<bool, std::string> cluster_support(int64_t hidden_size, int64_t batch, c10::ScalarType dtype,
                                               int64_t proj_size, int64_t device);
 

@@ -18,6 +18,7 @@
 
 #include "../../csrc/cuda/lstm_cluster_cuda.h"
 #include "../../csrc/cuda/lstm_persistent_cuda.h"
+#include "../../csrc/cuda/persistent_support.h"
 #include "../../csrc/fastlstm/buffers.h"
 #include "../../csrc/fastlstm/layer_op.h"
 #include "check.h"
@@ -380,7 +381,7 @@ TEST(persistent_sm_counts) {
   }
 }
 
-// ---- backend "cluster": the cluster kernel's forward, the persistent backward ----
+// ---- backend "cluster": the cluster kernels (forward and backward) ----
 
 // Runs `edit`ed cases with bfloat16 and float16 on the cluster backend.
 template <class F>
@@ -392,12 +393,25 @@ void for_each_half(F&& edit) {
     edit(c);
     const int before = check::current_failures();
     compare(c);
-    if (check::current_failures() != before) std::fprintf(stderr, "    in case: %s\n", label(c).c_str());
+    if (check::current_failures() != before) std::fprintf(stderr, "    in case: %s H=%lld B=%lld seed=%llu\n", label(c).c_str(), (long long)c.H, (long long)c.B, (unsigned long long)c.seed);
   }
 }
 
 // The plan the kernel will use for a case (checked so each test exercises what it says).
-fastlstm::cuda::ClusterPlan plan_of(const Case& c) { return fastlstm::cuda::cluster_plan(c.H, c.B, c.dtype, 0); }
+fastlstm::cuda::ClusterPlan plan_of(const Case& c, bool backward = false) {
+  return fastlstm::cuda::cluster_plan(c.H, c.B, c.dtype, 0, backward);
+}
+
+std::string refusal(const Case& c) {
+  try {
+    compare(c);
+  } catch (const c10::Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
 TEST(cluster_plain_packed_reverse) {
   for_each_half([](Case&) {});
@@ -461,6 +475,80 @@ TEST(cluster_several_slices_odd_sizes) {
   });
 }
 
+// The cluster backward with every backward option; K split over many warps (one output tile) and
+// over two (several row tiles per cluster, an odd number of k tiles: ranges of 16 and 17);
+// several clusters with norm partials per block.
+TEST(cluster_backward_options) {
+  DeviceLimits limits;
+  auto expect_backward_plan = [](const Case& c, const std::string& split) {
+    const fastlstm::cuda::ClusterPlan p = plan_of(c, true);
+    EXPECT(p.ok && contains(p.reason, "cluster backward") && contains(p.reason, split), p.reason);
+  };
+  for_each_half([&](Case& c) {
+    c.packed = true;
+    c.norms = true;
+    c.tbptt = 3;
+    c.clip = 0.05;
+    c.clip_mode = "gates";
+    expect_backward_plan(c, "split over 6 warps");  // 6 k tiles (K = 4 * 24)
+  });
+  for_each_half([&](Case& c) {
+    c.reverse = true;
+    c.reset = true;
+    c.norms = true;
+    c.clip = 0.2;
+    c.clip_mode = "recurrent";
+    c.seed = 5;
+  });
+  for_each_half([](Case& c) {
+    c.input_grad = false;
+    c.state_grads = false;
+    c.bias = false;
+  });
+  limits.set(8, limits.saved().sharedMemPerBlockOptin);  // few resident clusters: 3 row tiles in each
+  for_each_half([&](Case& c) {
+    c.H = 130;  // 9 units per block, K = 520 padded to 528: 33 k tiles
+    c.B = 40;
+    c.T = 4;
+    c.packed = true;
+    c.norms = true;
+    c.clip = 0.5;
+    expect_backward_plan(c, "24 batch rows per cluster; W_hh's columns in shared memory, dG_t W_hh on tensor cores "
+                         "(mma m16n8k16, K split over 2 warps)");
+  });
+  limits.set(16, limits.saved().sharedMemPerBlockOptin);  // 3 clusters, the last one partial
+  for_each_half([&](Case& c) {
+    c.H = 40;
+    c.B = 21;
+    c.T = 5;
+    c.packed = true;
+    c.reverse = true;
+    c.norms = true;
+    c.tbptt = 2;
+    const fastlstm::cuda::ClusterPlan p = plan_of(c, true);
+    EXPECT(p.ok && p.clusters == 3 && p.rows_per_cluster == 8, p.reason);
+  });
+}
+
+// Where the cluster backward's buffers (4H gate gradients per row) do not fit but the forward's
+// do, the persistent kernel runs the backward, and the reason says so.
+TEST(cluster_backward_falls_back_to_persistent) {
+  DeviceLimits limits;
+  limits.set(16, 12 * 1024);
+  for_each_half([](Case& c) {
+    c.H = 64;
+    c.B = 6;
+    c.norms = true;
+    c.packed = true;
+    c.tbptt = 3;
+    EXPECT(plan_of(c).ok && !plan_of(c, true).ok, plan_of(c).reason + " / " + plan_of(c, true).reason);
+    const auto [ok, reason] = fastlstm::cuda::cluster_support(c.H, c.B, c.dtype, 0, 0);
+    EXPECT(ok && contains(reason, "backward on the persistent kernel (the cluster backward: W_hh's columns and two steps of gate gradients "
+                                            "do not fit on chip"),
+           reason);
+  });
+}
+
 // A device that refuses non-portable cluster sizes: clusters of 8.
 TEST(cluster_of_eight_without_nonportable_sizes) {
   cuda_emu::set_max_cluster_size(8);
@@ -472,15 +560,6 @@ TEST(cluster_of_eight_without_nonportable_sizes) {
     EXPECT(p.ok && p.cluster == 8 && p.units_per_block == 4, p.reason);
   });
   cuda_emu::set_max_cluster_size(16);
-}
-
-std::string refusal(const Case& c) {
-  try {
-    compare(c);
-  } catch (const c10::Error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 TEST(cluster_refuses_clearly) {
