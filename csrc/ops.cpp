@@ -15,8 +15,8 @@
 
 namespace {
 
-// For fastlstm.explain: whether the persistent CUDA kernels (cluster: the cluster kernel's forward
-// with the persistent backward) can run a layer, and why (not).
+// For fastlstm.explain: whether the persistent CUDA kernels (cluster: backend 'cluster') can run a
+// layer, and why (not).
 std::tuple<bool, std::string> kernel_support(int64_t hidden_size, int64_t batch, const std::string& dtype,
                                              int64_t device, bool cluster) {
 #ifdef FASTLSTM_WITH_CUDA
@@ -42,6 +42,16 @@ std::tuple<bool, std::string> cluster_support(int64_t hidden_size, int64_t batch
   return kernel_support(hidden_size, batch, dtype, device, true);
 }
 
+// Why backend 'cluster' runs a dtype on the persistent kernel, or "" where it does not.
+std::string cluster_dtype_fallback(const std::string& dtype) {
+#ifdef FASTLSTM_WITH_CUDA
+  if (dtype == "float64") return fastlstm::cuda::cluster_dtype_fallback(c10::kDouble);
+  if (dtype == "float32") return fastlstm::cuda::cluster_dtype_fallback(c10::kFloat);
+#endif
+  (void)dtype;
+  return "";
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -53,6 +63,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("empty_cache", &fastlstm::cpu::release_cached_buffers, "Free the idle host buffers fastlstm keeps for reuse");
   m.def("cached_bytes", &fastlstm::cpu::cached_bytes, "Bytes of idle host buffers fastlstm keeps for reuse");
   m.def("persistent_support", &persistent_support, "Whether the persistent CUDA kernels can run a layer, and why");
-  m.def("cluster_support", &cluster_support, "Whether backend 'cluster' can run a layer's forward, and why");
+  m.def("cluster_support", &cluster_support, "Whether backend 'cluster' can run a layer, and why");
+  m.def("cluster_dtype_fallback", &cluster_dtype_fallback,
+        "Why backend 'cluster' runs a dtype on the persistent kernel ('' where it does not)");
   m.def("cpu_capability", &fastlstm::cpu_capability, "The SIMD level the CPU kernels run at (see ATEN_CPU_CAPABILITY)");
 }

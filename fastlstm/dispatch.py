@@ -37,9 +37,10 @@ def persistent_support(hidden_size: int, batch: int, dtype: torch.dtype, device:
 
 def cluster_support(hidden_size: int, batch: int, dtype: torch.dtype, device: torch.device,
                     proj_size: int = 0) -> tuple[bool, str]:
-    """Whether backend 'cluster' (the cluster kernels; the persistent backward where the cluster
-    backward does not fit) can run this layer on ``device``, and why not; the reason names the
-    kernel that runs the backward."""
+    """Whether backend 'cluster' can run this layer on ``device``, and why not: the cluster kernels
+    for bfloat16, float16 and float32 where TF32 is allowed (the persistent backward where the
+    cluster backward does not fit), the persistent kernel for float64 and IEEE float32; the
+    reason names the kernels that run."""
     if device.type != "cuda":
         return False, "the cluster kernel is CUDA only"
     if not _extension.cuda_compiled():
@@ -83,7 +84,11 @@ def plan(module: torch.nn.Module, input: torch.Tensor | PackedSequence, backend:
     if requested == "cluster":
         ok, reason = cluster_support(module.hidden_size, batch_size(module, input), data.dtype, device,
                                      getattr(module, "proj_size", 0))
-        return Plan("cluster" if ok else "error", reason)
+        if not ok:
+            return Plan("error", reason)
+        # float64, and float32 without TF32, run on the persistent kernel (the reason says why).
+        runs = "persistent" if _extension._C.cluster_dtype_fallback(str(data.dtype).replace("torch.", "")) else "cluster"
+        return Plan(runs, reason)
     return Plan("stepwise", "auto picks the stepwise kernels until the persistent kernel has been validated on a "
                             f"GPU (persistent: {reason})")
 

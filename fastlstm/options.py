@@ -28,10 +28,12 @@ class KernelOptions:
 
     backend: ``"auto"`` (fastest kernel that supports the call), ``"stepwise"`` (GEMM + fused cell
         per step; every device and size) or ``"persistent"`` (one CUDA launch for the whole
-        sequence; CUDA only, see ``fastlstm.explain``) or ``"cluster"`` (opt-in, bfloat16/float16
-        on Hopper: the thread-block-cluster forward and backward, validated only on the CPU
-        harness so far; the persistent backward where the cluster backward does not fit;
-        ``"auto"`` never picks it).
+        sequence; CUDA only, see ``fastlstm.explain``) or ``"cluster"`` (opt-in, Hopper: the
+        thread-block-cluster forward and backward on tensor cores for bfloat16, float16 and
+        float32 as TF32 where ``torch.backends.cuda.matmul.fp32_precision`` is ``"tf32"``;
+        float64 and IEEE float32 run on the persistent kernel, and so does the backward where
+        the cluster backward does not fit; validated only on the CPU harness so far; ``"auto"``
+        never picks it).
     tbptt_chunk: k, or None. The backward cuts the gradient carried through (h, c) between step
         s and s - 1 whenever s is a multiple of k, counting steps from the first step of the call
         in each direction's processing order (the reverse direction counts from each sequence's

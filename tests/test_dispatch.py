@@ -53,3 +53,24 @@ def test_cluster_backend_is_opt_in(monkeypatch):
     assert dispatch.plan(model, x, backend="cluster") == dispatch.Plan("cluster", "cluster fits")
     assert dispatch.plan(model, x, backend="auto").backend == "stepwise"
     assert dispatch.plan(model, torch.randn(7, 3, 4), backend="cluster").backend == "error"
+
+
+def test_cluster_backend_names_the_kernel_that_runs_each_dtype(monkeypatch):
+    """float64, and float32 unless PyTorch's matmul precision allows TF32, run on the persistent
+    kernel under backend='cluster' (in a build with the CUDA kernels), and the plan says so."""
+    monkeypatch.setattr(dispatch, "cluster_support", lambda *a, **k: (True, "reason"))
+    model = fastlstm.LSTM(4, 6)
+    fallback = "persistent" if fastlstm.cuda_compiled() else "cluster"  # a CPU-only build has no CUDA rule
+    x = torch.randn(7, 3, 4)
+
+    def runs(dtype: torch.dtype) -> str:
+        return dispatch.plan(model, x.to(dtype).to("meta"), backend="cluster").backend
+
+    saved = torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert (runs(torch.float64), runs(torch.float32), runs(torch.bfloat16)) == (fallback, fallback, "cluster")
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        assert (runs(torch.float64), runs(torch.float32), runs(torch.float16)) == (fallback, "cluster", "cluster")
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Compile-only check of fastlstm's cuBLAS wrapper against an older torch's headers.
+"""Compile-only check of fastlstm's ATen-version-sensitive CUDA host files against an older torch's headers.
 
-The GPU machine's torch is 2.11 while CI builds against a newer one; csrc/cuda/cublas_gemm.cpp reads
-ATen's fp32-precision API, whose enums are recent. This compiles that file with ``-fsyntax-only``
-against torch 2.11.0's include tree, so a use of an API 2.11 lacks fails CI instead of the GPU run.
+The GPU machine's torch is 2.11 while CI builds against a newer one; csrc/cuda/fp32_precision.cpp
+reads ATen's fp32-precision API, whose enums are recent, and csrc/cuda/cublas_gemm.cpp calls cuBLAS
+through ATen. This compiles both with ``-fsyntax-only`` against torch 2.11.0's include tree, so a
+use of an API 2.11 lacks fails CI instead of the GPU run.
 
 The include tree is taken from the torch wheel (``pip download``, ~530 MB once) and kept in
 ``$XDG_CACHE_HOME/fastlstm/torch-<version>-include`` (default ``~/.cache``); later runs only compile
@@ -26,7 +27,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "csrc" / "cuda" / "cublas_gemm.cpp"
+SOURCES = [ROOT / "csrc" / "cuda" / "cublas_gemm.cpp", ROOT / "csrc" / "cuda" / "fp32_precision.cpp"]
 
 
 def cache_dir(version: str) -> Path:
@@ -82,12 +83,15 @@ def main() -> int:
     args = parser.parse_args()
     torch_include = include_tree(args.version)
     includes = [torch_include, torch_include / "torch" / "csrc" / "api" / "include", *cuda_include_dirs()]
-    command = [os.environ.get("CXX", "c++"), "-std=c++17", "-fsyntax-only", "-DFASTLSTM_WITH_CUDA",
-               f"-I{ROOT / 'csrc'}"] + [flag for d in includes for flag in ("-isystem", str(d))] + [str(SOURCE)]
-    done = subprocess.run(command)
-    verdict = "ok" if done.returncode == 0 else "FAILED"
-    print(f"torch_headers_check: {SOURCE.relative_to(ROOT)} against torch {args.version} headers: {verdict}")
-    return done.returncode
+    failed = 0
+    for source in SOURCES:
+        command = [os.environ.get("CXX", "c++"), "-std=c++17", "-fsyntax-only", "-DFASTLSTM_WITH_CUDA",
+                   f"-I{ROOT / 'csrc'}"] + [flag for d in includes for flag in ("-isystem", str(d))] + [str(source)]
+        done = subprocess.run(command)
+        verdict = "ok" if done.returncode == 0 else "FAILED"
+        print(f"torch_headers_check: {source.relative_to(ROOT)} against torch {args.version} headers: {verdict}")
+        failed += done.returncode != 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 // row-major product is issued as its transpose: C^T = B^T A^T.
 #include "cublas_gemm.h"
 
+#include "fp32_precision.h"
+
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/Exceptions.h>
@@ -9,7 +11,6 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cublas_v2.h>
-#include <torch/version.h>
 
 #include <limits>
 #include <type_traits>
@@ -31,20 +32,6 @@ cudaDataType_t data_type() {
 int checked_int(int64_t v, const char* what) {
   TORCH_CHECK(v <= std::numeric_limits<int>::max(), "fastlstm: ", what, " = ", v, " is too large for cuBLAS");
   return static_cast<int>(v);
-}
-
-// float32 uses TF32 tensor cores only when PyTorch's own matmul setting allows it. Read through
-// the fp32-precision API where the headers have it (checked in torch 2.11's, the oldest torch
-// the Makefile installs: `make torch-2.11-headers`), as ATen's cuBLAS calls do: the legacy
-// allowTF32CuBLAS() throws once the torch.backends.*.fp32_precision setters have been used.
-// Older headers only have the legacy query, which is then the only setting there is.
-bool matmul_allows_tf32() {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 11)
-  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
-         at::Float32Precision::TF32;
-#else
-  return at::globalContext().allowTF32CuBLAS();
-#endif
 }
 
 // op_b/op_a: cuBLAS operations applied to the column-major views of B and A.

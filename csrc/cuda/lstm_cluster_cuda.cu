@@ -50,8 +50,9 @@ constexpr int kWarps = kThreads / 32;
 // (unit, row) cell elements per thread: fixed for the launch, so c and the next step's inputs
 // live in registers. The plan keeps hb * rows_per_cluster <= kElems * kThreads.
 constexpr int kElems = 4;
-// 16-bit elements of padding per shared row: the 8 rows of a fragment load land in distinct banks.
-constexpr int kPad = 8;
+// 16 bytes of padding per shared row (8 16-bit or 4 tf32 elements): the 8 rows of a fragment load
+// land in distinct banks.
+__host__ __device__ constexpr int pad_elems(int elem_bytes) { return 16 / elem_bytes; }
 
 __host__ __device__ constexpr int round_up(int n, int m) { return (n + m - 1) / m * m; }
 __host__ __device__ constexpr size_t align16(size_t n) { return (n + 15) / 16 * 16; }
@@ -60,10 +61,11 @@ __host__ __device__ constexpr size_t align16(size_t n) { return (n + 15) / 16 * 
 struct ForwardLayout {
   int Kp, Mp, ldw, ldh, ldp;
   size_t h_off, pre_off, bytes;
-  __host__ __device__ ForwardLayout(int H, int hb, int Np)
-      : Kp(round_up(H, 16)), Mp(round_up(4 * hb, 16)), ldw(Kp + kPad), ldh(Kp + kPad), ldp(Mp + 4) {
-    h_off = align16(sizeof(uint16_t) * Mp * ldw);                      // W slice (Mp, ldw)
-    pre_off = h_off + align16(sizeof(uint16_t) * 2 * Np * ldh);        // h (2, Np, ldh)
+  __host__ __device__ ForwardLayout(int H, int hb, int Np, int eb)  // eb: bytes per tensor-core element
+      : Kp(round_up(H, 16)), Mp(round_up(4 * hb, 16)), ldw(Kp + pad_elems(eb)), ldh(Kp + pad_elems(eb)),
+        ldp(Mp + 4) {
+    h_off = align16(size_t(eb) * Mp * ldw);                      // W slice (Mp, ldw)
+    pre_off = h_off + align16(size_t(eb) * 2 * Np * ldh);        // h (2, Np, ldh)
     bytes = pre_off + align16(sizeof(float) * Np * ldp);               // products (Np, ldp)
   }
 };
@@ -78,24 +80,48 @@ struct ForwardLayout {
 struct BackwardLayout {
   int Mp, Kp, ldw, ldg, ldp, ksplit;
   size_t g_off, part_off, norm_off, bytes;
-  __host__ __device__ BackwardLayout(int H, int hb, int Np)
-      : Mp(round_up(hb, 16)), Kp(round_up(4 * H, 16)), ldw(Kp + kPad), ldg(Kp + kPad), ldp(Mp + 4) {
+  __host__ __device__ BackwardLayout(int H, int hb, int Np, int eb)
+      : Mp(round_up(hb, 16)), Kp(round_up(4 * H, 16)), ldw(Kp + pad_elems(eb)), ldg(Kp + pad_elems(eb)),
+        ldp(Mp + 4) {
     const int tiles = Mp / 16 * (Np / 8), ktiles = Kp / 16;
     ksplit = kWarps / tiles < 1 ? 1 : (kWarps / tiles < ktiles ? kWarps / tiles : ktiles);
-    g_off = align16(sizeof(uint16_t) * Mp * ldw);                           // W^T slice (Mp, ldw)
-    part_off = g_off + align16(sizeof(uint16_t) * 2 * Np * ldg);            // dG (2, Np, ldg)
+    g_off = align16(size_t(eb) * Mp * ldw);                           // W^T slice (Mp, ldw)
+    part_off = g_off + align16(size_t(eb) * 2 * Np * ldg);            // dG (2, Np, ldg)
     norm_off = part_off + align16(sizeof(float) * ksplit * Np * ldp);       // products (ksplit, Np, ldp)
     bytes = norm_off + align16(sizeof(float) * 2 * kWarps * 2);             // norm partials (2, warps, 2)
   }
 };
 
+// How scalar_t enters the tensor cores: bf16 and fp16 as they are, float32 as tf32 (the caller
+// allows it: PyTorch's matmul precision setting). Elem<S>: the bits of one element in shared memory.
 template <class S>
-__device__ __forceinline__ uint16_t bits(S v) {
-  return v.x;
+constexpr MmaInput kMmaInput = std::is_same_v<S, c10::BFloat16> ? MmaInput::BF16
+                               : std::is_same_v<S, c10::Half>   ? MmaInput::F16
+                                                                : MmaInput::TF32;
+template <class S>
+using TensorCoreOf = TensorCore<kMmaInput<S>>;
+template <class S>
+using Elem = typename TensorCoreOf<S>::Elem;
+
+template <class S>
+__device__ __forceinline__ Elem<S> encode(S v) {
+  if constexpr (std::is_same_v<S, float>) {
+    return to_tf32(v);
+  } else {
+    return v.x;
+  }
 }
-template <class S>
-__device__ __forceinline__ S from_bits(uint16_t b) {
-  return S(b, S::from_bits());
+
+// Four elements (a unit's gates, adjacent in the layout) in 8-byte stores (dst 8-byte aligned).
+template <class E>
+__device__ __forceinline__ void store4(E* dst, const E (&v)[4]) {
+  uint64_t* d = reinterpret_cast<uint64_t*>(dst);
+  if constexpr (sizeof(E) == 2) {
+    d[0] = uint64_t(v[0]) | uint64_t(v[1]) << 16 | uint64_t(v[2]) << 32 | uint64_t(v[3]) << 48;
+  } else {
+    d[0] = uint64_t(v[0]) | uint64_t(v[1]) << 32;
+    d[1] = uint64_t(v[2]) | uint64_t(v[3]) << 32;
+  }
 }
 
 // Gx + bias of local step i for this thread's elements.
@@ -124,14 +150,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // clusters need sm_90; the plan refuses such devices, so this is never launched
 #else
-  constexpr MmaInput kIn = std::is_same_v<scalar_t, c10::BFloat16> ? MmaInput::BF16 : MmaInput::F16;
+  using TC = TensorCoreOf<scalar_t>;
+  using E = Elem<scalar_t>;
   FASTLSTM_DYNAMIC_SMEM(smem);
   cg::cluster_group cluster = cg::this_cluster();
   // Sizes fit in 32 bits (checked at launch).
   const int H = static_cast<int>(a.H), B = static_cast<int>(a.B);
-  const ForwardLayout L(H, hb, Np);
-  uint16_t* w = reinterpret_cast<uint16_t*>(smem);                 // row q * hb + u: W_hh[q * H + u0 + u, :]
-  uint16_t* hbuf = reinterpret_cast<uint16_t*>(smem + L.h_off);    // [parity][row][k]: the slice's h_{t-1}
+  const ForwardLayout L(H, hb, Np, sizeof(E));
+  E* w = reinterpret_cast<E*>(smem);                 // row q * hb + u: W_hh[q * H + u0 + u, :]
+  E* hbuf = reinterpret_cast<E*>(smem + L.h_off);    // [parity][row][k]: the slice's h_{t-1}
   float* pre = reinterpret_cast<float*>(smem + L.pre_off);         // [row][q * hb + u]: h_{t-1} W_hh^T
   const int C = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
   const int u0 = rank * hb, units = std::max(0, std::min(hb, H - u0));
@@ -143,16 +170,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   for (int i = tid; i < 4 * units * H; i += kThreads) {
     const int row = i / H, k = i - row * H, q = row / units, u = row - q * units;
-    w[(q * hb + u) * L.ldw + k] = bits(a.w_hh[static_cast<int64_t>(q * H + u0 + u) * H + k]);
+    w[(q * hb + u) * L.ldw + k] = encode(a.w_hh[static_cast<int64_t>(q * H + u0 + u) * H + k]);
   }
   for (int i = tid; i < rows * H; i += kThreads) {
     const int n = i / H, k = i - n * H;
-    hbuf[n * L.ldh + k] = bits(a.r_init[static_cast<int64_t>(b0 + n) * H + k]);
+    hbuf[n * L.ldh + k] = encode(a.r_init[static_cast<int64_t>(b0 + n) * H + k]);
   }
   // This thread's cell elements: consecutive threads take consecutive units (coalesced stores).
+  // c and the carried h stay in registers (h exact: the shared copy may be rounded to tf32).
   int en[kElems], ej[kElems];
   bool mine[kElems];
   acc_t c_reg[kElems], gx[kElems][4];
+  scalar_t h_reg[kElems];
 #pragma unroll
   for (int k = 0; k < kElems; ++k) {
     const int e = tid + k * kThreads, n = e / hb, u = e - n * hb;
@@ -160,6 +189,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     ej[k] = u0 + u;
     mine[k] = n < rows && u < units;
     c_reg[k] = mine[k] ? a.c_init[static_cast<int64_t>(b0 + n) * H + u0 + u] : acc_t(0);
+    h_reg[k] = mine[k] ? a.r_init[static_cast<int64_t>(b0 + n) * H + u0 + u] : scalar_t(0);
   }
   load_inputs(a, 0, en, ej, mine, b0, gx);
   // Every block's buffers are zeroed before any peer writes into them.
@@ -167,28 +197,26 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const bool separate_state = a.r != a.y;
   const int64_t BH = static_cast<int64_t>(B) * H;
-  const int mtiles = L.Mp / 16, ntiles = Np / 8, ktiles = L.Kp / 16;
+  const int mtiles = L.Mp / 16, ntiles = Np / 8, ktiles = L.Kp / TC::kK;
   for (int64_t i = 0; i < a.n; ++i) {
     const int64_t s = a.s0 + i;
     const int64_t t = a.reverse ? a.T - 1 - s : s;
     const int64_t slot = t - a.tlo;
-    const uint16_t* hcur = hbuf + (i % 2) * Np * L.ldh;
-    uint16_t* hnext = hbuf + ((i + 1) % 2) * Np * L.ldh;
+    const E* hcur = hbuf + (i % 2) * Np * L.ldh;
+    E* hnext = hbuf + ((i + 1) % 2) * Np * L.ldh;
 
     // 1. The gate pre-activations' recurrent part on the tensor cores, a warp per 16x8 tile.
     // Two accumulators (even and odd k tiles) halve the chain of dependent mma instructions.
     for (int item = warp; item < mtiles * ntiles; item += kWarps) {
       const int mt = item % mtiles, nt = item / mtiles;
-      const uint16_t* w_tile = w + mt * 16 * L.ldw;
-      const uint16_t* h_tile = hcur + nt * 8 * L.ldh;
+      const E* w_tile = w + mt * 16 * L.ldw;
+      const E* h_tile = hcur + nt * 8 * L.ldh;
       FragmentC even = {}, odd = {};
 #pragma unroll 2
       for (int kt = 0; kt < ktiles; kt += 2) {
-        mma_m16n8k16<kIn>(even, load_fragment_a(w_tile + kt * 16, L.ldw), load_fragment_b(h_tile + kt * 16, L.ldh),
-                          even);
+        TC::multiply_add(even, w_tile + kt * TC::kK, L.ldw, h_tile + kt * TC::kK, L.ldh);
         if (kt + 1 < ktiles) {  // warp-uniform: the warp stays converged for the mma
-          mma_m16n8k16<kIn>(odd, load_fragment_a(w_tile + (kt + 1) * 16, L.ldw),
-                            load_fragment_b(h_tile + (kt + 1) * 16, L.ldh), odd);
+          TC::multiply_add(odd, w_tile + (kt + 1) * TC::kK, L.ldw, h_tile + (kt + 1) * TC::kK, L.ldh);
         }
       }
       // Stored transposed (row-major in the batch row) so the cell reads consecutive units.
@@ -211,13 +239,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int n = en[k], j = ej[k], u = j - u0, b = b0 + n;
       const int64_t e = static_cast<int64_t>(b) * H + j;
       acc_t* g = gates + static_cast<int64_t>(b) * 4 * H;
-      uint16_t carried;
       if (!row_live(a.lengths, b, t)) {
         g[j] = g[H + j] = g[2 * H + j] = g[3 * H + j] = acc_t(0);
         c_out[e] = c_reg[k];
         y[e] = scalar_t(0);
-        carried = hcur[n * L.ldh + j];
-        if (separate_state) state[e] = from_bits<scalar_t>(carried);
+        if (separate_state) state[e] = h_reg[k];
       } else {
         const float* p = pre + n * L.ldp + u;
         acc_t ai, af, ag, ao, c, h;
@@ -236,8 +262,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         // A reset of the next step zeroes the state it reads (cell_math.h).
         const scalar_t hs = state_zeroed_after(a.reset, B, b, t, n_b, a.reverse) ? scalar_t(0) : hv;
         if (separate_state) state[e] = hs;
-        carried = bits(hs);
+        h_reg[k] = hs;
       }
+      const E carried = encode(h_reg[k]);
       for (int r = 0; r < C; ++r) cluster.map_shared_rank(hnext, r)[n * L.ldh + j] = carried;
     }
 
@@ -293,13 +320,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();
 #else
-  constexpr MmaInput kIn = std::is_same_v<scalar_t, c10::BFloat16> ? MmaInput::BF16 : MmaInput::F16;
+  using TC = TensorCoreOf<scalar_t>;
+  using E = Elem<scalar_t>;
   FASTLSTM_DYNAMIC_SMEM(smem);
   cg::cluster_group cluster = cg::this_cluster();
   const int H = static_cast<int>(a.H), B = static_cast<int>(a.B), G = 4 * H;
-  const BackwardLayout L(H, hb, Np);
-  uint16_t* w = reinterpret_cast<uint16_t*>(smem);                  // [u][4 j + q] = W_hh[q H + j, u0 + u]
-  uint16_t* dgbuf = reinterpret_cast<uint16_t*>(smem + L.g_off);    // [parity][row][4 j + q]: the slice's dG_t
+  const BackwardLayout L(H, hb, Np, sizeof(E));
+  E* w = reinterpret_cast<E*>(smem);                                // [u][4 j + q] = W_hh[q H + j, u0 + u]
+  E* dgbuf = reinterpret_cast<E*>(smem + L.g_off);                  // [parity][row][4 j + q]: the slice's dG_t
   float* part = reinterpret_cast<float*>(smem + L.part_off);        // [k range][row][u]: dG_t W_hh[:, own]
   float* norm_warps = reinterpret_cast<float*>(smem + L.norm_off);  // [parity][warp][h, c]
   const int C = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
@@ -313,7 +341,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Neighbouring threads read neighbouring columns of one W_hh row (coalesced).
   for (int i = tid; i < units * G; i += kThreads) {
     const int m = i / units, u = i - m * units, q = m / H, j = m - q * H;
-    w[u * L.ldw + 4 * j + q] = bits(a.w_hh[static_cast<int64_t>(m) * H + u0 + u]);
+    w[u * L.ldw + 4 * j + q] = encode(a.w_hh[static_cast<int64_t>(m) * H + u0 + u]);
   }
   int en[kElems], ej[kElems];
   bool mine[kElems];
@@ -336,14 +364,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   const acc_t clip_rec = static_cast<acc_t>(a.opts.clip_recurrent);
   const acc_t clip_gates = static_cast<acc_t>(a.opts.clip_gates);
   const int64_t BH = static_cast<int64_t>(B) * H;
-  const int mtiles = L.Mp / 16, ntiles = Np / 8, ktiles = L.Kp / 16;
+  const int mtiles = L.Mp / 16, ntiles = Np / 8, ktiles = L.Kp / TC::kK;
   const int tiles = static_cast<int>(gridDim.x);
   for (int64_t i = a.n - 1; i >= 0; --i) {
     const int64_t s = a.s0 + i;
     const int64_t t = a.reverse ? a.T - 1 - s : s;
     const int64_t slot = t - a.tlo;
     const int parity = static_cast<int>(i % 2);
-    uint16_t* dg_step = dgbuf + parity * Np * L.ldg;
+    E* dg_step = dgbuf + parity * Np * L.ldg;
 
     // 1. The cell backward; dG_t to every block of the cluster.
     acc_t sum_h = 0, sum_c = 0;
@@ -354,7 +382,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int n = en[k], j = ej[k], b = b0 + n;
       scalar_t* dg = dgates + static_cast<int64_t>(b) * G + j;
       const int64_t n_b = row_length(a.lengths, b, a.T);
-      uint16_t sent[4] = {0, 0, 0, 0};  // dG_t of gates i, f, g, o
+      E sent[4] = {0, 0, 0, 0};  // dG_t of gates i, f, g, o
       if (t >= n_b) {  // padding: no gate gradient, the carries pass through untouched
 #pragma unroll
         for (int q = 0; q < 4; ++q) dg[q * H] = scalar_t(0);
@@ -372,19 +400,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int q = 0; q < 4; ++q) {
           const scalar_t v = static_cast<scalar_t>(clip_gate_grad(d[q], clip_gates));
           dg[q * H] = v;
-          sent[q] = bits(v);
+          sent[q] = encode(v);
         }
         carry_c[k] = dcp;
         carry_h[k] = acc_t(0);  // what skips the step; dG_t W_hh is added in phase 3
         sum_h += dh * dh;
         sum_c += dct * dct;
       }
-      const uint64_t packed = uint64_t(sent[0]) | uint64_t(sent[1]) << 16 | uint64_t(sent[2]) << 32 |
-                              uint64_t(sent[3]) << 48;
-      // 8-byte aligned: ldg and the buffer offsets are multiples of 8 elements.
-      for (int r = 0; r < C; ++r) {
-        *reinterpret_cast<uint64_t*>(cluster.map_shared_rank(dg_step, r) + n * L.ldg + 4 * j) = packed;
-      }
+      // Aligned: ldg and the buffer offsets are multiples of 16 bytes.
+      for (int r = 0; r < C; ++r) store4(cluster.map_shared_rank(dg_step, r) + n * L.ldg + 4 * j, sent);
     }
     if (a.norm_partial) {
       sum_h = warp_sum(sum_h);
@@ -415,16 +439,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int item = warp; item < mtiles * ntiles * L.ksplit; item += kWarps) {
       const int mt = item % mtiles, nt = item / mtiles % ntiles, ks = item / (mtiles * ntiles);
       const int k0 = ks * ktiles / L.ksplit, k1 = (ks + 1) * ktiles / L.ksplit;
-      const uint16_t* w_tile = w + mt * 16 * L.ldw;
-      const uint16_t* g_tile = dg_step + nt * 8 * L.ldg;
+      const E* w_tile = w + mt * 16 * L.ldw;
+      const E* g_tile = dg_step + nt * 8 * L.ldg;
       FragmentC even = {}, odd = {};
 #pragma unroll 2
       for (int kt = k0; kt < k1; kt += 2) {
-        mma_m16n8k16<kIn>(even, load_fragment_a(w_tile + kt * 16, L.ldw), load_fragment_b(g_tile + kt * 16, L.ldg),
-                          even);
+        TC::multiply_add(even, w_tile + kt * TC::kK, L.ldw, g_tile + kt * TC::kK, L.ldg);
         if (kt + 1 < k1) {  // warp-uniform
-          mma_m16n8k16<kIn>(odd, load_fragment_a(w_tile + (kt + 1) * 16, L.ldw),
-                            load_fragment_b(g_tile + (kt + 1) * 16, L.ldg), odd);
+          TC::multiply_add(odd, w_tile + (kt + 1) * TC::kK, L.ldw, g_tile + (kt + 1) * TC::kK, L.ldg);
         }
       }
       float* p = part + ks * Np * L.ldp;
@@ -505,9 +527,10 @@ int resident_clusters(Kernel kernel, int C, size_t smem) {
 }
 
 // One block's shared memory for a (direction, shape).
+template <class scalar_t>
 size_t layout_bytes(bool backward, int64_t H, int hb, int rows) {
-  const int h = static_cast<int>(H);
-  return backward ? BackwardLayout(h, hb, rows).bytes : ForwardLayout(h, hb, rows).bytes;
+  const int h = static_cast<int>(H), eb = sizeof(Elem<scalar_t>);
+  return backward ? BackwardLayout(h, hb, rows, eb).bytes : ForwardLayout(h, hb, rows, eb).bytes;
 }
 
 template <class scalar_t>
@@ -529,7 +552,7 @@ ClusterPlan plan_for(int64_t H, int64_t B, int device, bool backward) {
   for (const int C : {16, 8}) {
     const int hb = static_cast<int>((H + C - 1) / C);
     const int rows_max = kElems * kThreads / hb / 8 * 8;  // cell elements per thread are bounded
-    const size_t least = layout_bytes(backward, H, hb, 8);
+    const size_t least = layout_bytes<scalar_t>(backward, H, hb, 8);
     if (rows_max < 8) {
       p.reason = "hidden_size " + std::to_string(H) + " is too large for the cluster kernel: " + std::to_string(hb) +
                  " units per block of a " + std::to_string(C) + "-block cluster, at most " +
@@ -553,8 +576,8 @@ ClusterPlan plan_for(int64_t H, int64_t B, int device, bool backward) {
     int rows = static_cast<int>(8 * ((tiles + resident - 1) / resident));
     rows = std::min(rows, rows_max);
     // Larger slices need more shared memory: at least one such cluster must still fit an SM.
-    while (rows > 8 && (layout_bytes(backward, H, hb, rows) + reserve > smem_max ||
-                        resident_clusters(kernel, C, layout_bytes(backward, H, hb, rows)) == 0)) {
+    while (rows > 8 && (layout_bytes<scalar_t>(backward, H, hb, rows) + reserve > smem_max ||
+                        resident_clusters(kernel, C, layout_bytes<scalar_t>(backward, H, hb, rows)) == 0)) {
       rows -= 8;
     }
     p.ok = true;
@@ -563,16 +586,17 @@ ClusterPlan plan_for(int64_t H, int64_t B, int device, bool backward) {
     p.rows_per_cluster = rows;
     p.clusters = static_cast<int>((B + rows - 1) / rows);
     p.threads = kThreads;
-    p.smem_bytes = layout_bytes(backward, H, hb, rows);
+    p.smem_bytes = layout_bytes<scalar_t>(backward, H, hb, rows);
+    const std::string mma = kMmaInput<scalar_t> == MmaInput::TF32 ? "mma m16n8k8 tf32" : "mma m16n8k16";
     const std::string shape = std::to_string(p.clusters) + " clusters x " + std::to_string(C) + " blocks x " +
                               std::to_string(hb) + " hidden units, " + std::to_string(rows) +
                               " batch rows per cluster; ";
     p.reason = backward ? "cluster backward: " + shape +
-                              "W_hh's columns in shared memory, dG_t W_hh on tensor cores (mma m16n8k16, K split "
-                              "over " + std::to_string(BackwardLayout(static_cast<int>(H), hb, rows).ksplit) +
+                              "W_hh's columns in shared memory, dG_t W_hh on tensor cores (" + mma + ", K split "
+                              "over " + std::to_string(BackwardLayout(static_cast<int>(H), hb, rows, sizeof(Elem<scalar_t>)).ksplit) +
                               " warps), dG_t over DSMEM, one cluster barrier per step, no grid barrier"
                         : "cluster: " + shape +
-                              "W_hh in shared memory, gates on tensor cores (mma m16n8k16), h_t over DSMEM, one "
+                              "W_hh in shared memory, gates on tensor cores (" + mma + "), h_t over DSMEM, one "
                               "cluster barrier per step, no grid barrier";
     return p;
   }
@@ -614,8 +638,10 @@ void launch(const ChunkRecurrenceArgs<scalar_t, acc_t>& a, bool backward) {
 ClusterPlan cluster_plan(int64_t H, int64_t B, c10::ScalarType dtype, int device, bool backward) {
   if (dtype == c10::kBFloat16) return plan_for<c10::BFloat16>(H, B, device, backward);
   if (dtype == c10::kHalf) return plan_for<c10::Half>(H, B, device, backward);
+  if (dtype == c10::kFloat) return plan_for<float>(H, B, device, backward);
   ClusterPlan p;
-  p.reason = std::string("the cluster kernel runs bfloat16 and float16 only (tensor cores), got ") + c10::toString(dtype);
+  p.reason = std::string("the cluster kernel runs bfloat16, float16 and float32 (as tf32) only (tensor cores), got ") +
+             c10::toString(dtype);
   return p;
 }
 
@@ -634,6 +660,7 @@ void cluster_backward(const ChunkRecurrenceArgs<scalar_t, acc_t>& a) {
   template void cluster_backward<S, float>(const ChunkRecurrenceArgs<S, float>&);
 FASTLSTM_INSTANTIATE(c10::Half)
 FASTLSTM_INSTANTIATE(c10::BFloat16)
+FASTLSTM_INSTANTIATE(float)
 #undef FASTLSTM_INSTANTIATE
 
 }  // namespace fastlstm::cuda

@@ -9,10 +9,12 @@
 
 #include <algorithm>
 #include <limits>
+#include <string>
 #include <type_traits>
 
 #include "../fastlstm/layer_op.h"
 #include "cublas_gemm.h"
+#include "fp32_precision.h"
 #include "lstm_cell_cuda.h"
 #include "lstm_cluster_cuda.h"
 #include "lstm_persistent_cuda.h"
@@ -88,9 +90,11 @@ struct CudaPolicy {
   static void state_select(const StateSelectArgs<S>& a) { cuda::state_select<S>(a); }
 };
 
-// The dtypes the cluster kernels run (tensor cores on 16-bit inputs).
+// The dtypes the cluster kernels are built for (tensor cores: bf16, fp16, and float32 as tf32).
 template <class S>
-constexpr bool kHalfType = std::is_same_v<S, c10::Half> || std::is_same_v<S, c10::BFloat16>;
+constexpr bool kClusterType = std::is_same_v<S, c10::Half> || std::is_same_v<S, c10::BFloat16> ||
+                              std::is_same_v<S, float>;
+
 
 // Whether the cluster backward runs a layer (else the persistent backward does, on the same
 // saved tensors).
@@ -109,14 +113,14 @@ struct CudaClusterPolicy : CudaPolicy {
     using A = at::opmath_type<S>;
     using CudaPolicy::Recurrent<S>::Recurrent;
     void fused_forward(const ChunkRecurrenceArgs<S, A>& a) {
-      if constexpr (kHalfType<S>) {
+      if constexpr (kClusterType<S>) {
         cluster_forward<S, A>(a);
       } else {
-        TORCH_CHECK(false, "fastlstm: the cluster kernel runs bfloat16 and float16 only");
+        TORCH_CHECK(false, "fastlstm: the cluster kernel has no ", c10::CppTypeToScalarType<S>::value, " path");
       }
     }
     void fused_backward(const ChunkRecurrenceArgs<S, A>& a) {
-      if constexpr (kHalfType<S>) {
+      if constexpr (kClusterType<S>) {
         if (cluster_backward_runs(a.H, a.B, c10::CppTypeToScalarType<S>::value)) {
           cluster_backward<S, A>(a);
           return;
@@ -129,7 +133,7 @@ struct CudaClusterPolicy : CudaPolicy {
   // The backward's norm partials: one per block of the kernel that runs it.
   template <class S>
   static int64_t norm_tiles(int64_t H, int64_t B, bool fused) {
-    if (fused && kHalfType<S> && cluster_backward_runs(H, B, c10::CppTypeToScalarType<S>::value)) {
+    if (fused && kClusterType<S> && cluster_backward_runs(H, B, c10::CppTypeToScalarType<S>::value)) {
       const ClusterPlan plan = cluster_plan(H, B, c10::CppTypeToScalarType<S>::value, c10::cuda::current_device(), true);
       return static_cast<int64_t>(plan.clusters) * plan.cluster;
     }
@@ -149,6 +153,12 @@ Recurrence recurrence_for(std::string_view backend, const LayerInputs& in, bool 
   if (b == Backend::Persistent) {
     const auto [ok, reason] = persistent_support(H, B, in.x.scalar_type(), proj, in.x.get_device());
     TORCH_CHECK(ok, "fastlstm: backend='persistent' cannot run this layer: ", reason);
+    return Recurrence::Persistent;
+  }
+  if (const std::string why = cluster_dtype_fallback(in.x.scalar_type()); !why.empty() && proj == 0) {
+    const auto [ok, reason] = persistent_support(H, B, in.x.scalar_type(), proj, in.x.get_device());
+    TORCH_CHECK(ok, "fastlstm: backend='cluster' runs this layer on the persistent kernel (", why,
+                "), which cannot run it: ", reason);
     return Recurrence::Persistent;
   }
   const auto [ok, reason] = cluster_support(H, B, in.x.scalar_type(), proj, in.x.get_device());
@@ -215,6 +225,15 @@ BackwardOut layer_backward(const std::optional<at::Tensor>& grad_y, const std::o
 
 }  // namespace
 
+std::string cluster_dtype_fallback(c10::ScalarType dtype) {
+  if (dtype == c10::kDouble) return "float64 stays on CUDA cores";
+  if (dtype == c10::kFloat && !matmul_allows_tf32()) {
+    return "float32 uses the tensor cores only as TF32, which torch.backends.cuda.matmul.fp32_precision "
+           "does not allow (set it to 'tf32')";
+  }
+  return "";
+}
+
 std::tuple<bool, std::string> persistent_support(int64_t hidden_size, int64_t batch, c10::ScalarType dtype,
                                                  int64_t proj_size, int64_t device) {
   if (proj_size > 0) return {false, "the persistent kernel does not support proj_size > 0"};
@@ -228,6 +247,10 @@ std::tuple<bool, std::string> persistent_support(int64_t hidden_size, int64_t ba
 std::tuple<bool, std::string> cluster_support(int64_t hidden_size, int64_t batch, c10::ScalarType dtype,
                                               int64_t proj_size, int64_t device) {
   if (proj_size > 0) return {false, "the cluster kernel does not support proj_size > 0"};
+  if (const std::string why = cluster_dtype_fallback(dtype); !why.empty()) {
+    const auto [ok, reason] = persistent_support(hidden_size, batch, dtype, proj_size, device);
+    return {ok, "cluster: " + why + ", so the persistent kernel runs it: " + reason};
+  }
   const int dev = static_cast<int>(device);
   const ClusterPlan fwd = cluster_plan(hidden_size, batch, dtype, dev, false);
   if (!fwd.ok) return {false, fwd.reason};

@@ -1,5 +1,6 @@
-// One warp-wide tensor-core product, D (16x8, fp32) = A (16x16) B (16x8) + C, for bf16 or fp16
-// inputs: PTX `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32`.
+// One warp-wide tensor-core product, D (16x8, fp32) = A (16xK) B (Kx8) + C: K = 16 for bf16 or
+// fp16 inputs, PTX `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32`; K = 8 for
+// tf32 inputs (float32 rounded to a 10-bit mantissa), `mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32`.
 //
 // Fragments follow the PTX ISA's layout for m16n8k16 (section "Matrix fragments for mma.m16n8k16
 // with floating point type"), with g = lane / 4 and q = lane % 4:
@@ -7,7 +8,10 @@
 //                                                    a[2] = A[g][2q+8, 2q+9], a[3] = A[g+8][2q+8, 2q+9]
 //   B (16x8, k by n),    2 registers of two elements: b[0] = B[2q, 2q+1][g], b[1] = B[2q+8, 2q+9][g]
 //   C, D (16x8),         4 floats: c[0], c[1] = C[g][2q, 2q+1], c[2], c[3] = C[g+8][2q, 2q+1]
-// The lower 16 bits of a register hold the element with the smaller index.
+// The lower 16 bits of a register hold the element with the smaller index. For m16n8k8 tf32 (section
+// "Matrix fragments for mma.m16n8k8"), one element per register:
+//   A (row-major 16x8): a[0] = A[g][q], a[1] = A[g+8][q], a[2] = A[g][q+4], a[3] = A[g+8][q+4]
+//   B (8x8, k by n):    b[0] = B[q][g], b[1] = B[q+4][g];  C, D as above.
 //
 // On the GPU this is the instruction itself. In the CPU execution harness (FASTLSTM_CUDA_EMU) it
 // is the same definition computed as a warp collective: each lane gathers the rows of A and the
@@ -20,7 +24,7 @@
 
 namespace fastlstm::cuda {
 
-enum class MmaInput { BF16, F16 };
+enum class MmaInput { BF16, F16, TF32 };
 
 struct FragmentA {
   uint32_t reg[4];
@@ -126,6 +130,86 @@ __device__ __forceinline__ FragmentB load_fragment_b(const uint16_t* b, int ldb)
   auto pair = [&](int k) { return uint32_t(b[g * ldb + k]) | uint32_t(b[g * ldb + k + 1]) << 16; };
   return {{pair(2 * q), pair(2 * q + 8)}};
 }
+
+// float32 rounded to tf32 (nearest, ties away from zero: PTX cvt.rna.tf32.f32), as its bits.
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+#ifdef FASTLSTM_CUDA_EMU
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  if ((bits & 0x7f800000u) == 0x7f800000u) return bits;  // inf and NaN pass through
+  return (bits + 0x1000u) & 0xffffe000u;
+#else
+  uint32_t bits;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(bits) : "f"(v));
+  return bits;
+#endif
+}
+
+// d = a b + c for tf32 inputs, K = 8 (all 32 lanes of the warp, converged).
+__device__ __forceinline__ void mma_m16n8k8_tf32(FragmentC& d, const FragmentA& a, const FragmentB& b,
+                                                 const FragmentC& c) {
+#ifdef FASTLSTM_CUDA_EMU
+  const int lane = static_cast<int>(threadIdx.x % 32), g = lane / 4, q = lane % 4;
+  float acc[4] = {c.reg[0], c.reg[1], c.reg[2], c.reg[3]};
+  auto value = [](uint32_t bits) {
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  };
+  for (int k = 0; k < 8; ++k) {
+    // A[row][k] lives in lane row % 8 * 4 + k % 4, register (row >= 8) + 2 (k >= 4);
+    // B[k][n] in lane n * 4 + k % 4, register (k >= 4).
+    const int src = k % 4, hi = k >= 4;
+    const float a_top = value(__shfl_sync(0xffffffffu, a.reg[2 * hi], g * 4 + src));
+    const float a_bottom = value(__shfl_sync(0xffffffffu, a.reg[2 * hi + 1], g * 4 + src));
+    const float b_left = value(__shfl_sync(0xffffffffu, b.reg[hi], 2 * q * 4 + src));
+    const float b_right = value(__shfl_sync(0xffffffffu, b.reg[hi], (2 * q + 1) * 4 + src));
+    acc[0] += a_top * b_left;
+    acc[1] += a_top * b_right;
+    acc[2] += a_bottom * b_left;
+    acc[3] += a_bottom * b_right;
+  }
+  for (int i = 0; i < 4; ++i) d.reg[i] = acc[i];
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %11, %12, %13};\n"
+      : "=f"(d.reg[0]), "=f"(d.reg[1]), "=f"(d.reg[2]), "=f"(d.reg[3])
+      : "r"(a.reg[0]), "r"(a.reg[1]), "r"(a.reg[2]), "r"(a.reg[3]), "r"(b.reg[0]), "r"(b.reg[1]), "f"(c.reg[0]),
+        "f"(c.reg[1]), "f"(c.reg[2]), "f"(c.reg[3]));
+#endif
+}
+
+// The same loaders for 32-bit (tf32) tiles.
+__device__ __forceinline__ FragmentA load_fragment_a(const uint32_t* a, int lda) {
+  const int lane = static_cast<int>(threadIdx.x % 32), g = lane / 4, q = lane % 4;
+  return {{a[g * lda + q], a[(g + 8) * lda + q], a[g * lda + q + 4], a[(g + 8) * lda + q + 4]}};
+}
+
+__device__ __forceinline__ FragmentB load_fragment_b(const uint32_t* b, int ldb) {
+  const int lane = static_cast<int>(threadIdx.x % 32), g = lane / 4, q = lane % 4;
+  return {{b[g * ldb + q], b[g * ldb + q + 4]}};
+}
+
+// One k tile of a product for each input type: its element (the bits in memory), its K, and
+// d += A[16 x K] B[K x 8] from tiles in memory (the loaders' layouts).
+template <MmaInput In>
+struct TensorCore {
+  using Elem = uint16_t;
+  static constexpr int kK = 16;
+  __device__ __forceinline__ static void multiply_add(FragmentC& d, const Elem* a, int lda, const Elem* b, int ldb) {
+    mma_m16n8k16<In>(d, load_fragment_a(a, lda), load_fragment_b(b, ldb), d);
+  }
+};
+
+template <>
+struct TensorCore<MmaInput::TF32> {
+  using Elem = uint32_t;
+  static constexpr int kK = 8;
+  __device__ __forceinline__ static void multiply_add(FragmentC& d, const Elem* a, int lda, const Elem* b, int ldb) {
+    mma_m16n8k8_tf32(d, load_fragment_a(a, lda), load_fragment_b(b, ldb), d);
+  }
+};
 
 __device__ __forceinline__ void store_fragment_c(const FragmentC& c, float* d, int ldd) {
   const int lane = static_cast<int>(threadIdx.x % 32), g = lane / 4, q = lane % 4;

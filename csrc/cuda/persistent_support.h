@@ -17,4 +17,8 @@ std::tuple<bool, std::string> persistent_support(int64_t hidden_size, int64_t ba
 std::tuple<bool, std::string> cluster_support(int64_t hidden_size, int64_t batch, c10::ScalarType dtype,
                                               int64_t proj_size, int64_t device);
 
+// Why backend "cluster" runs `dtype` on the persistent kernel instead (float64; float32 where
+// PyTorch's matmul precision does not allow TF32), or empty where the cluster kernels run it.
+std::string cluster_dtype_fallback(c10::ScalarType dtype);
+
 }  // namespace fastlstm::cuda

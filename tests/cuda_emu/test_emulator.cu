@@ -5,6 +5,7 @@
 #include <cooperative_groups.h>
 
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <cstdint>
 #include <cstdio>
@@ -343,43 +344,46 @@ TEST(cluster_launch_limits_fail_like_cuda) {
   cudaGetLastError();
 }
 
-// One m16n8k16 product per warp: D = A B + C from tiles in memory, through the fragment loaders.
+// One tensor-core k tile per warp: D = A B + C from tiles in memory, through the fragment loaders.
 template <fastlstm::cuda::MmaInput In>
-__global__ void mma_kernel(const uint16_t* a, const uint16_t* b_cols, const float* c, float* d) {
+__global__ void mma_kernel(const typename fastlstm::cuda::TensorCore<In>::Elem* a,
+                           const typename fastlstm::cuda::TensorCore<In>::Elem* b_cols, const float* c, float* d) {
   using namespace fastlstm::cuda;
-  const FragmentA fa = load_fragment_a(a, 16);
-  const FragmentB fb = load_fragment_b(b_cols, 16);
-  FragmentC fc, fd;
+  constexpr int K = TensorCore<In>::kK;
+  FragmentC fd;
   const int lane = static_cast<int>(threadIdx.x % 32), g = lane / 4, q = lane % 4;
-  fc.reg[0] = c[g * 8 + 2 * q];
-  fc.reg[1] = c[g * 8 + 2 * q + 1];
-  fc.reg[2] = c[(g + 8) * 8 + 2 * q];
-  fc.reg[3] = c[(g + 8) * 8 + 2 * q + 1];
-  mma_m16n8k16<In>(fd, fa, fb, fc);
+  fd.reg[0] = c[g * 8 + 2 * q];
+  fd.reg[1] = c[g * 8 + 2 * q + 1];
+  fd.reg[2] = c[(g + 8) * 8 + 2 * q];
+  fd.reg[3] = c[(g + 8) * 8 + 2 * q + 1];
+  TensorCore<In>::multiply_add(fd, a, K, b_cols, K);
   store_fragment_c(fd, d, 8);
 }
 
-// Values k / 8 with |k| <= 24 are exact in bf16 and fp16, and so is every sum of 16 products:
+// Values k / 8 with |k| <= 24 are exact in bf16, fp16 and tf32, and so is every sum of 16 products:
 // the tensor-core result must equal the plain product exactly.
-uint16_t to_bits(float v, fastlstm::cuda::MmaInput in) {
+uint32_t to_bits(float v, fastlstm::cuda::MmaInput in) {
   uint32_t f;
   std::memcpy(&f, &v, sizeof f);
-  if (in == fastlstm::cuda::MmaInput::BF16) return static_cast<uint16_t>(f >> 16);
-  if (v == 0) return static_cast<uint16_t>((f >> 16) & 0x8000u);
+  if (in == fastlstm::cuda::MmaInput::TF32) return f;
+  if (in == fastlstm::cuda::MmaInput::BF16) return f >> 16;
+  if (v == 0) return (f >> 16) & 0x8000u;
   const uint32_t sign = (f >> 16) & 0x8000u, exp = (f >> 23) & 0xffu, mant = f & 0x7fffffu;
-  return static_cast<uint16_t>(sign | ((exp - 112) << 10) | (mant >> 13));
+  return sign | ((exp - 112) << 10) | (mant >> 13);
 }
 
 template <fastlstm::cuda::MmaInput In>
 void check_mma(const char* name) {
-  Managed<uint16_t> a(16 * 16), b(8 * 16);
+  using Elem = typename fastlstm::cuda::TensorCore<In>::Elem;
+  constexpr int K = fastlstm::cuda::TensorCore<In>::kK;
+  Managed<Elem> a(16 * K), b(8 * K);
   Managed<float> c(16 * 8), d(16 * 8, -1);
-  std::vector<float> av(16 * 16), bv(16 * 8);  // bv[k * 8 + n]
-  for (int i = 0; i < 16 * 16; ++i) av[i] = static_cast<float>((i * 7 + 3) % 49 - 24) / 8;
-  for (int i = 0; i < 16 * 8; ++i) bv[i] = static_cast<float>((i * 5 + 1) % 41 - 20) / 8;
-  for (int i = 0; i < 16 * 16; ++i) a[i] = to_bits(av[i], In);
-  for (int k = 0; k < 16; ++k) {
-    for (int n = 0; n < 8; ++n) b[n * 16 + k] = to_bits(bv[k * 8 + n], In);  // stored column by column
+  std::vector<float> av(16 * K), bv(K * 8);  // bv[k * 8 + n]
+  for (int i = 0; i < 16 * K; ++i) av[i] = static_cast<float>((i * 7 + 3) % 49 - 24) / 8;
+  for (int i = 0; i < K * 8; ++i) bv[i] = static_cast<float>((i * 5 + 1) % 41 - 20) / 8;
+  for (int i = 0; i < 16 * K; ++i) a[i] = static_cast<Elem>(to_bits(av[i], In));
+  for (int k = 0; k < K; ++k) {
+    for (int n = 0; n < 8; ++n) b[n * K + k] = static_cast<Elem>(to_bits(bv[k * 8 + n], In));  // column by column
   }
   for (int i = 0; i < 16 * 8; ++i) c[i] = static_cast<float>(i % 9) - 4;
   FASTLSTM_LAUNCH(mma_kernel<In>, 1, 32, 0, nullptr, a.p, b.p, c.p, d.p);
@@ -387,16 +391,44 @@ void check_mma(const char* name) {
   for (int m = 0; m < 16; ++m) {
     for (int n = 0; n < 8; ++n) {
       double want = c[m * 8 + n];
-      for (int k = 0; k < 16; ++k) want += static_cast<double>(av[m * 16 + k]) * bv[k * 8 + n];
+      for (int k = 0; k < K; ++k) want += static_cast<double>(av[m * K + k]) * bv[k * 8 + n];
       EXPECT(d[m * 8 + n] == want, std::string(name) + " D[" + std::to_string(m) + "][" + std::to_string(n) +
                                        "] = " + std::to_string(d[m * 8 + n]) + ", want " + std::to_string(want));
     }
   }
 }
 
-TEST(mma_m16n8k16_matches_a_plain_product) {
-  check_mma<fastlstm::cuda::MmaInput::BF16>("bf16");
-  check_mma<fastlstm::cuda::MmaInput::F16>("fp16");
+TEST(mma_matches_a_plain_product) {
+  check_mma<fastlstm::cuda::MmaInput::BF16>("bf16 m16n8k16");
+  check_mma<fastlstm::cuda::MmaInput::F16>("fp16 m16n8k16");
+  check_mma<fastlstm::cuda::MmaInput::TF32>("tf32 m16n8k8");
+}
+
+// float32 to tf32: nearest, ties away from zero; inf and NaN unchanged.
+__global__ void tf32_kernel(const float* in, uint32_t* out, int n) {
+  for (int i = static_cast<int>(threadIdx.x); i < n; i += static_cast<int>(blockDim.x)) {
+    out[i] = fastlstm::cuda::to_tf32(in[i]);
+  }
+}
+
+TEST(tf32_rounding) {
+  const float inf = std::numeric_limits<float>::infinity();
+  // 1 + 2^-11 is a tie (rounds away to 1 + 2^-10); 1 + 2^-11 - 2^-23 rounds down; -(1 + 3 * 2^-11) up in magnitude.
+  const std::vector<float> in = {1.0f, 1.0f + std::ldexp(1.0f, -11), 1.0f + std::ldexp(1.0f, -11) - std::ldexp(1.0f, -23),
+                                 -(1.0f + 3 * std::ldexp(1.0f, -11)), inf, -inf, 0.0f};
+  const std::vector<float> want = {1.0f, 1.0f + std::ldexp(1.0f, -10), 1.0f, -(1.0f + 2 * std::ldexp(1.0f, -10)),
+                                   inf, -inf, 0.0f};
+  const int n = static_cast<int>(in.size());
+  Managed<float> x(n);
+  Managed<uint32_t> y(n);
+  for (int i = 0; i < n; ++i) x[i] = in[i];
+  FASTLSTM_LAUNCH(tf32_kernel, 1, 32, 0, nullptr, x.p, y.p, n);
+  EXPECT(ok(cudaDeviceSynchronize()));
+  for (int i = 0; i < n; ++i) {
+    float got;
+    std::memcpy(&got, &y[i], sizeof got);
+    EXPECT(got == want[i], "to_tf32(" + std::to_string(in[i]) + ") = " + std::to_string(got));
+  }
 }
 
 #ifdef FASTLSTM_CUDA_EMU

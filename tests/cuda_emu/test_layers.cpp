@@ -55,6 +55,7 @@ struct Case {
   int64_t T = 7, B = 5, I = 3, H = 24, P = 0;
   bool bias = true, reverse = false, packed = false, norms = false, input_grad = true, state_grads = true;
   bool reset = false;  // per-sample state resets at random steps
+  bool tf32 = false;   // float32 products may use TF32 (torch.backends.cuda.matmul.fp32_precision)
   int64_t checkpoint_every = 0, tbptt = 0;
   double clip = 0;
   std::string clip_mode = "recurrent";
@@ -89,6 +90,19 @@ void expect_close(const Tensor& got, const Tensor& want, const std::string& what
 
 // Runs a layer forward and backward through the CPU and the CUDA kernels, compares everything,
 // and returns the CUDA kernels' results.
+// PyTorch's float32 matmul precision for the scope (restored to IEEE after).
+class Tf32Setting {
+ public:
+  explicit Tf32Setting(bool on) { set(on); }
+  ~Tf32Setting() { set(false); }
+
+ private:
+  static void set(bool on) {
+    at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL,
+                                            on ? at::Float32Precision::TF32 : at::Float32Precision::IEEE);
+  }
+};
+
 std::vector<Tensor> compare(const Case& c) {
   at::manual_seed(c.seed);
   const int64_t K = c.P > 0 ? c.P : c.H;
@@ -110,7 +124,8 @@ std::vector<Tensor> compare(const Case& c) {
   const Tensor dy = cast(at::randn({c.T, c.B, K}, f64));
   const OptTensor dh_n = c.state_grads ? OptTensor(cast(at::randn({c.B, K}, f64))) : std::nullopt;
   const OptTensor dc_n = c.state_grads ? OptTensor(cast(at::randn({c.B, c.H}, f64))) : std::nullopt;
-  const double tol = tolerance(c.dtype);
+  const double tol = c.tf32 ? 1e-2 : tolerance(c.dtype);  // tf32: a 10-bit mantissa, like float16
+  const Tf32Setting tf32(c.tf32);
 
   // The CPU path has one backend; "auto" is its name for it.
   auto backend = [&](c10::DispatchKeySet keys) { return keys == kCpu ? std::string("auto") : c.backend; };
@@ -383,17 +398,23 @@ TEST(persistent_sm_counts) {
 
 // ---- backend "cluster": the cluster kernels (forward and backward) ----
 
-// Runs `edit`ed cases with bfloat16 and float16 on the cluster backend.
+// Runs `edit`ed cases on the cluster backend in each dtype it runs on the tensor cores: bfloat16,
+// float16, and float32 as tf32 (allowed for the case).
 template <class F>
-void for_each_half(F&& edit) {
-  for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+void for_each_tensor_core_type(F&& edit, std::vector<at::ScalarType> dtypes = {at::kBFloat16, at::kHalf, at::kFloat}) {
+  for (at::ScalarType dtype : dtypes) {
     Case c;
     c.dtype = dtype;
     c.backend = "cluster";
+    c.tf32 = dtype == at::kFloat;
+    const Tf32Setting tf32(c.tf32);  // for the plan checks inside `edit`
     edit(c);
     const int before = check::current_failures();
     compare(c);
-    if (check::current_failures() != before) std::fprintf(stderr, "    in case: %s H=%lld B=%lld seed=%llu\n", label(c).c_str(), (long long)c.H, (long long)c.B, (unsigned long long)c.seed);
+    if (check::current_failures() != before) {
+      std::fprintf(stderr, "    in case: %s H=%lld B=%lld seed=%llu\n", label(c).c_str(), static_cast<long long>(c.H),
+                   static_cast<long long>(c.B), static_cast<unsigned long long>(c.seed));
+    }
   }
 }
 
@@ -414,15 +435,15 @@ std::string refusal(const Case& c) {
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
 TEST(cluster_plain_packed_reverse) {
-  for_each_half([](Case&) {});
-  for_each_half([](Case& c) { c.packed = true; });
-  for_each_half([](Case& c) {
+  for_each_tensor_core_type([](Case&) {});
+  for_each_tensor_core_type([](Case& c) { c.packed = true; });
+  for_each_tensor_core_type([](Case& c) {
     c.packed = true;
     c.reverse = true;
     c.bias = false;
     c.seed = 3;
   });
-  for_each_half([](Case& c) {
+  for_each_tensor_core_type([](Case& c) {
     c.reset = true;
     c.packed = true;
     c.reverse = true;
@@ -431,20 +452,20 @@ TEST(cluster_plain_packed_reverse) {
 }
 
 TEST(cluster_checkpointing_and_inference_chunks) {
-  for_each_half([](Case& c) {
+  for_each_tensor_core_type([](Case& c) {
     c.checkpoint_every = 3;  // the backward recomputes the chunks' gates with the cluster kernel
     c.packed = true;
     c.norms = true;
     c.tbptt = 4;
   });
-  for_each_half([](Case& c) {
+  for_each_tensor_core_type([](Case& c) {
     c.checkpoint_every = fastlstm::kNoBackward;
     c.T = 40;
     c.B = 3;
     c.H = 8;
     c.packed = true;
   });
-  for_each_half([](Case& c) {
+  for_each_tensor_core_type([](Case& c) {
     c.checkpoint_every = 2;
     c.reset = true;
     c.norms = true;
@@ -456,7 +477,7 @@ TEST(cluster_checkpointing_and_inference_chunks) {
 TEST(cluster_several_slices_odd_sizes) {
   DeviceLimits limits;
   limits.set(16, limits.saved().sharedMemPerBlockOptin);  // room for 8 resident clusters of 16
-  for_each_half([](Case& c) {
+  for_each_tensor_core_type([](Case& c) {
     c.H = 40;
     c.B = 21;
     c.T = 5;
@@ -465,7 +486,7 @@ TEST(cluster_several_slices_odd_sizes) {
     const fastlstm::cuda::ClusterPlan p = plan_of(c);
     EXPECT(p.ok && p.cluster == 16 && p.clusters == 3 && p.rows_per_cluster == 8, p.reason);
   });
-  for_each_half([](Case& c) {
+  for_each_tensor_core_type([](Case& c) {
     c.H = 70;
     c.B = 11;
     c.T = 4;
@@ -476,7 +497,7 @@ TEST(cluster_several_slices_odd_sizes) {
 }
 
 // The cluster backward with every backward option; K split over many warps (one output tile) and
-// over two (several row tiles per cluster, an odd number of k tiles: ranges of 16 and 17);
+// over few (several row tiles per cluster, k ranges of odd lengths);
 // several clusters with norm partials per block.
 TEST(cluster_backward_options) {
   DeviceLimits limits;
@@ -484,7 +505,7 @@ TEST(cluster_backward_options) {
     const fastlstm::cuda::ClusterPlan p = plan_of(c, true);
     EXPECT(p.ok && contains(p.reason, "cluster backward") && contains(p.reason, split), p.reason);
   };
-  for_each_half([&](Case& c) {
+  for_each_tensor_core_type([&](Case& c) {
     c.packed = true;
     c.norms = true;
     c.tbptt = 3;
@@ -492,7 +513,7 @@ TEST(cluster_backward_options) {
     c.clip_mode = "gates";
     expect_backward_plan(c, "split over 6 warps");  // 6 k tiles (K = 4 * 24)
   });
-  for_each_half([&](Case& c) {
+  for_each_tensor_core_type([&](Case& c) {
     c.reverse = true;
     c.reset = true;
     c.norms = true;
@@ -500,24 +521,27 @@ TEST(cluster_backward_options) {
     c.clip_mode = "recurrent";
     c.seed = 5;
   });
-  for_each_half([](Case& c) {
+  for_each_tensor_core_type([](Case& c) {
     c.input_grad = false;
     c.state_grads = false;
     c.bias = false;
   });
   limits.set(8, limits.saved().sharedMemPerBlockOptin);  // few resident clusters: 3 row tiles in each
-  for_each_half([&](Case& c) {
+  for_each_tensor_core_type([&](Case& c) {
     c.H = 130;  // 9 units per block, K = 520 padded to 528: 33 k tiles
     c.B = 40;
     c.T = 4;
     c.packed = true;
     c.norms = true;
     c.clip = 0.5;
-    expect_backward_plan(c, "24 batch rows per cluster; W_hh's columns in shared memory, dG_t W_hh on tensor cores "
-                         "(mma m16n8k16, K split over 2 warps)");
+    // float32's larger buffers leave fewer clusters resident: 16 rows each, 66 k8 tiles in 4 ranges.
+    expect_backward_plan(c, c.dtype == at::kFloat ? "16 batch rows per cluster; W_hh's columns in shared memory, dG_t "
+                                                    "W_hh on tensor cores (mma m16n8k8 tf32, K split over 4 warps)"
+                                                  : "24 batch rows per cluster; W_hh's columns in shared memory, dG_t "
+                                                    "W_hh on tensor cores (mma m16n8k16, K split over 2 warps)");
   });
   limits.set(16, limits.saved().sharedMemPerBlockOptin);  // 3 clusters, the last one partial
-  for_each_half([&](Case& c) {
+  for_each_tensor_core_type([&](Case& c) {
     c.H = 40;
     c.B = 21;
     c.T = 5;
@@ -535,7 +559,7 @@ TEST(cluster_backward_options) {
 TEST(cluster_backward_falls_back_to_persistent) {
   DeviceLimits limits;
   limits.set(16, 12 * 1024);
-  for_each_half([](Case& c) {
+  for_each_tensor_core_type([](Case& c) {
     c.H = 64;
     c.B = 6;
     c.norms = true;
@@ -543,16 +567,35 @@ TEST(cluster_backward_falls_back_to_persistent) {
     c.tbptt = 3;
     EXPECT(plan_of(c).ok && !plan_of(c, true).ok, plan_of(c).reason + " / " + plan_of(c, true).reason);
     const auto [ok, reason] = fastlstm::cuda::cluster_support(c.H, c.B, c.dtype, 0, 0);
-    EXPECT(ok && contains(reason, "backward on the persistent kernel (the cluster backward: W_hh's columns and two steps of gate gradients "
-                                            "do not fit on chip"),
+    EXPECT(ok && contains(reason, "backward on the persistent kernel (the cluster backward: W_hh's columns and two "
+                                  "steps of gate gradients do not fit on chip"),
            reason);
-  });
+  }, {at::kBFloat16, at::kHalf});  // float32's buffers are twice as large: other sizes
+}
+
+// float64, and float32 where TF32 is not allowed, run on the persistent kernel under backend
+// "cluster", at their own precision, and the reason says so.
+TEST(cluster_runs_float64_and_ieee_float32_on_the_persistent_kernel) {
+  for (at::ScalarType dtype : {at::kDouble, at::kFloat}) {
+    Case c;
+    c.dtype = dtype;
+    c.backend = "cluster";
+    c.packed = true;
+    c.norms = true;
+    c.reset = true;
+    const auto [ok, reason] = fastlstm::cuda::cluster_support(c.H, c.B, c.dtype, 0, 0);
+    EXPECT(ok && contains(reason, dtype == at::kDouble ? "cluster: float64 stays on CUDA cores, so the persistent "
+                                                         "kernel runs it: persistent: "
+                                                       : "cluster: float32 uses the tensor cores only as TF32"),
+           reason);
+    compare(c);
+  }
 }
 
 // A device that refuses non-portable cluster sizes: clusters of 8.
 TEST(cluster_of_eight_without_nonportable_sizes) {
   cuda_emu::set_max_cluster_size(8);
-  for_each_half([](Case& c) {
+  for_each_tensor_core_type([](Case& c) {
     c.H = 30;
     c.B = 9;
     c.packed = true;
@@ -565,14 +608,9 @@ TEST(cluster_of_eight_without_nonportable_sizes) {
 TEST(cluster_refuses_clearly) {
   Case c;
   c.backend = "cluster";
-  c.dtype = at::kFloat;
-  std::string why = refusal(c);
-  EXPECT(why.find("backend='cluster' cannot run this layer: the cluster kernel runs bfloat16 and float16 only") !=
-             std::string::npos,
-         why);
   c.dtype = at::kBFloat16;
   c.P = 5;
-  why = refusal(c);
+  std::string why = refusal(c);
   EXPECT(why.find("does not support proj_size > 0") != std::string::npos, why);
   // W_hh beyond the shared memory of 16 blocks (this version keeps it there).
   DeviceLimits limits;
@@ -592,10 +630,10 @@ TEST(results_are_bitwise_reproducible) {
   uint64_t digest = 1469598103934665603ull;  // FNV-1a over every result's bytes
   for (const std::string& backend : {"stepwise", "persistent", "cluster"}) {
     for (at::ScalarType dtype : kDtypes) {
-      if (backend == "cluster" && dtype != at::kHalf && dtype != at::kBFloat16) continue;
       Case c;
       c.dtype = dtype;
       c.backend = backend;
+      c.tf32 = backend == "cluster" && dtype == at::kFloat;  // float64: the persistent kernel
       c.H = 19;
       c.packed = true;
       c.norms = true;
