@@ -6,7 +6,8 @@
 // clusters never wait for each other (no grid barrier, an ordinary cluster launch). Inside a
 // cluster of C blocks, block `rank` owns hidden units [rank * hb, (rank + 1) * hb) with all four
 // gates of each, and keeps those 4 * hb rows of W_hh in shared memory for the whole chunk (this
-// first version keeps W_hh in shared memory, not in registers). Per step:
+// first version keeps W_hh in shared memory, not in registers; as packed A tiles, one 16-byte
+// load per lane and fragment). Per step:
 //   1. tensor cores: pre[n][q * hb + u] = h_{t-1}[n, :] . W_hh[q * H + u0 + u, :] with
 //      mma.m16n8k16 (A = W_hh rows, M = 4 gates x hb units; B = h_{t-1}, N = the slice's rows;
 //      K = H, zero-padded to a multiple of 16), fp32 accumulators staged in shared memory;
@@ -50,8 +51,8 @@ constexpr int kWarps = kThreads / 32;
 // (unit, row) cell elements per thread: fixed for the launch, so c and the next step's inputs
 // live in registers. The plan keeps hb * rows_per_cluster <= kElems * kThreads.
 constexpr int kElems = 4;
-// 16 bytes of padding per shared row (8 16-bit or 4 tf32 elements): the 8 rows of a fragment load
-// land in distinct banks.
+// 16 bytes of padding per shared B-operand row (8 16-bit or 4 tf32 elements): the 8 rows of a
+// fragment load land in distinct banks. (A operands are packed tiles, conflict-free as they are.)
 __host__ __device__ constexpr int pad_elems(int elem_bytes) { return 16 / elem_bytes; }
 
 __host__ __device__ constexpr int round_up(int n, int m) { return (n + m - 1) / m * m; }
@@ -59,12 +60,11 @@ __host__ __device__ constexpr size_t align16(size_t n) { return (n + 15) / 16 * 
 
 // One forward block's shared memory, from the plan's numbers (the host sizes it, the kernel carves it).
 struct ForwardLayout {
-  int Kp, Mp, ldw, ldh, ldp;
+  int Kp, Mp, ldh, ldp;
   size_t h_off, pre_off, bytes;
   __host__ __device__ ForwardLayout(int H, int hb, int Np, int eb)  // eb: bytes per tensor-core element
-      : Kp(round_up(H, 16)), Mp(round_up(4 * hb, 16)), ldw(Kp + pad_elems(eb)), ldh(Kp + pad_elems(eb)),
-        ldp(Mp + 4) {
-    h_off = align16(size_t(eb) * Mp * ldw);                      // W slice (Mp, ldw)
+      : Kp(round_up(H, 16)), Mp(round_up(4 * hb, 16)), ldh(Kp + pad_elems(eb)), ldp(Mp + 4) {
+    h_off = align16(size_t(eb) * Mp * Kp);                       // W slice (Mp, Kp), packed tiles
     pre_off = h_off + align16(size_t(eb) * 2 * Np * ldh);        // h (2, Np, ldh)
     bytes = pre_off + align16(sizeof(float) * Np * ldp);               // products (Np, ldp)
   }
@@ -78,14 +78,13 @@ struct ForwardLayout {
 // The K loop is split over ksplit warps when the M x N tiles are fewer than the warps; their
 // partial sums are added in a fixed order (deterministic).
 struct BackwardLayout {
-  int Mp, Kp, ldw, ldg, ldp, ksplit;
+  int Mp, Kp, ldg, ldp, ksplit;
   size_t g_off, part_off, norm_off, bytes;
   __host__ __device__ BackwardLayout(int H, int hb, int Np, int eb)
-      : Mp(round_up(hb, 16)), Kp(round_up(4 * H, 16)), ldw(Kp + pad_elems(eb)), ldg(Kp + pad_elems(eb)),
-        ldp(Mp + 4) {
+      : Mp(round_up(hb, 16)), Kp(round_up(4 * H, 16)), ldg(Kp + pad_elems(eb)), ldp(Mp + 4) {
     const int tiles = Mp / 16 * (Np / 8), ktiles = Kp / 16;
     ksplit = kWarps / tiles < 1 ? 1 : (kWarps / tiles < ktiles ? kWarps / tiles : ktiles);
-    g_off = align16(size_t(eb) * Mp * ldw);                           // W^T slice (Mp, ldw)
+    g_off = align16(size_t(eb) * Mp * Kp);                            // W^T slice (Mp, Kp), packed tiles
     part_off = g_off + align16(size_t(eb) * 2 * Np * ldg);            // dG (2, Np, ldg)
     norm_off = part_off + align16(sizeof(float) * ksplit * Np * ldp);       // products (ksplit, Np, ldp)
     bytes = norm_off + align16(sizeof(float) * 2 * kWarps * 2);             // norm partials (2, warps, 2)
@@ -110,6 +109,13 @@ __device__ __forceinline__ Elem<S> encode(S v) {
   } else {
     return v.x;
   }
+}
+
+// Where element (row, col) of a tensor-core A operand of `ktiles` k tiles per 16-row band goes:
+// tile (row / 16, col / kK), packed (mma.cuh).
+template <class TC>
+__device__ __forceinline__ int packed_a_offset(int row, int col, int ktiles) {
+  return ((row / 16) * ktiles + col / TC::kK) * TC::kTileElems + TC::packed_a_index(row % 16, col % TC::kK);
 }
 
 // Four elements (a unit's gates, adjacent in the layout) in 8-byte stores (dst 8-byte aligned).
@@ -157,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Sizes fit in 32 bits (checked at launch).
   const int H = static_cast<int>(a.H), B = static_cast<int>(a.B);
   const ForwardLayout L(H, hb, Np, sizeof(E));
-  E* w = reinterpret_cast<E*>(smem);                 // row q * hb + u: W_hh[q * H + u0 + u, :]
+  E* w = reinterpret_cast<E*>(smem);                 // A rows q * hb + u = W_hh[q * H + u0 + u, :], packed
   E* hbuf = reinterpret_cast<E*>(smem + L.h_off);    // [parity][row][k]: the slice's h_{t-1}
   float* pre = reinterpret_cast<float*>(smem + L.pre_off);         // [row][q * hb + u]: h_{t-1} W_hh^T
   const int C = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
@@ -170,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   for (int i = tid; i < 4 * units * H; i += kThreads) {
     const int row = i / H, k = i - row * H, q = row / units, u = row - q * units;
-    w[(q * hb + u) * L.ldw + k] = encode(a.w_hh[static_cast<int64_t>(q * H + u0 + u) * H + k]);
+    w[packed_a_offset<TC>(q * hb + u, k, L.Kp / TC::kK)] = encode(a.w_hh[static_cast<int64_t>(q * H + u0 + u) * H + k]);
   }
   for (int i = tid; i < rows * H; i += kThreads) {
     const int n = i / H, k = i - n * H;
@@ -209,14 +215,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Two accumulators (even and odd k tiles) halve the chain of dependent mma instructions.
     for (int item = warp; item < mtiles * ntiles; item += kWarps) {
       const int mt = item % mtiles, nt = item / mtiles;
-      const E* w_tile = w + mt * 16 * L.ldw;
+      const E* w_band = w + mt * ktiles * TC::kTileElems;  // packed tiles (mt, 0..ktiles)
       const E* h_tile = hcur + nt * 8 * L.ldh;
       FragmentC even = {}, odd = {};
 #pragma unroll 2
       for (int kt = 0; kt < ktiles; kt += 2) {
-        TC::multiply_add(even, w_tile + kt * TC::kK, L.ldw, h_tile + kt * TC::kK, L.ldh);
+        TC::multiply_add(even, w_band + kt * TC::kTileElems, h_tile + kt * TC::kK, L.ldh);
         if (kt + 1 < ktiles) {  // warp-uniform: the warp stays converged for the mma
-          TC::multiply_add(odd, w_tile + (kt + 1) * TC::kK, L.ldw, h_tile + (kt + 1) * TC::kK, L.ldh);
+          TC::multiply_add(odd, w_band + (kt + 1) * TC::kTileElems, h_tile + (kt + 1) * TC::kK, L.ldh);
         }
       }
       // Stored transposed (row-major in the batch row) so the cell reads consecutive units.
@@ -326,7 +332,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   cg::cluster_group cluster = cg::this_cluster();
   const int H = static_cast<int>(a.H), B = static_cast<int>(a.B), G = 4 * H;
   const BackwardLayout L(H, hb, Np, sizeof(E));
-  E* w = reinterpret_cast<E*>(smem);                                // [u][4 j + q] = W_hh[q H + j, u0 + u]
+  E* w = reinterpret_cast<E*>(smem);                                // A[u][4 j + q] = W_hh[q H + j, u0 + u], packed
   E* dgbuf = reinterpret_cast<E*>(smem + L.g_off);                  // [parity][row][4 j + q]: the slice's dG_t
   float* part = reinterpret_cast<float*>(smem + L.part_off);        // [k range][row][u]: dG_t W_hh[:, own]
   float* norm_warps = reinterpret_cast<float*>(smem + L.norm_off);  // [parity][warp][h, c]
@@ -341,7 +347,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Neighbouring threads read neighbouring columns of one W_hh row (coalesced).
   for (int i = tid; i < units * G; i += kThreads) {
     const int m = i / units, u = i - m * units, q = m / H, j = m - q * H;
-    w[u * L.ldw + 4 * j + q] = encode(a.w_hh[static_cast<int64_t>(m) * H + u0 + u]);
+    w[packed_a_offset<TC>(u, 4 * j + q, L.Kp / TC::kK)] = encode(a.w_hh[static_cast<int64_t>(m) * H + u0 + u]);
   }
   int en[kElems], ej[kElems];
   bool mine[kElems];
@@ -439,14 +445,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int item = warp; item < mtiles * ntiles * L.ksplit; item += kWarps) {
       const int mt = item % mtiles, nt = item / mtiles % ntiles, ks = item / (mtiles * ntiles);
       const int k0 = ks * ktiles / L.ksplit, k1 = (ks + 1) * ktiles / L.ksplit;
-      const E* w_tile = w + mt * 16 * L.ldw;
+      const E* w_band = w + mt * ktiles * TC::kTileElems;
       const E* g_tile = dg_step + nt * 8 * L.ldg;
       FragmentC even = {}, odd = {};
 #pragma unroll 2
       for (int kt = k0; kt < k1; kt += 2) {
-        TC::multiply_add(even, w_tile + kt * TC::kK, L.ldw, g_tile + kt * TC::kK, L.ldg);
+        TC::multiply_add(even, w_band + kt * TC::kTileElems, g_tile + kt * TC::kK, L.ldg);
         if (kt + 1 < k1) {  // warp-uniform
-          TC::multiply_add(odd, w_tile + (kt + 1) * TC::kK, L.ldw, g_tile + (kt + 1) * TC::kK, L.ldg);
+          TC::multiply_add(odd, w_band + (kt + 1) * TC::kTileElems, g_tile + (kt + 1) * TC::kK, L.ldg);
         }
       }
       float* p = part + ks * Np * L.ldp;

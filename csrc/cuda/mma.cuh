@@ -26,7 +26,8 @@ namespace fastlstm::cuda {
 
 enum class MmaInput { BF16, F16, TF32 };
 
-struct FragmentA {
+// 16-byte aligned: a packed tile (below) gives each lane its fragment in one 16-byte load.
+struct alignas(16) FragmentA {
   uint32_t reg[4];
 };
 struct FragmentB {
@@ -117,18 +118,19 @@ __device__ __forceinline__ void mma_m16n8k16(FragmentC& d, const FragmentA& a, c
 #endif
 }
 
-// Fragments from 16-bit element tiles in memory (row-major A with leading dimension lda; B
-// stored column by column, B[k][n] at b[n * ldb + k], as W_hh's rows are), and D back.
-__device__ __forceinline__ FragmentA load_fragment_a(const uint16_t* a, int lda) {
-  const int lane = static_cast<int>(threadIdx.x % 32), g = lane / 4, q = lane % 4;
-  auto pair = [&](int row, int col) { return uint32_t(a[row * lda + col]) | uint32_t(a[row * lda + col + 1]) << 16; };
-  return {{pair(g, 2 * q), pair(g + 8, 2 * q), pair(g, 2 * q + 8), pair(g + 8, 2 * q + 8)}};
+// A operands are kept packed: a 16 x K tile stored as the 32 lanes' four fragment registers,
+// lane after lane (TensorCore<In>::packed_a_index says where element (i, c) goes), so a lane
+// loads its fragment in one 16-byte access, without bank conflicts. B operands stay plain: B
+// stored column by column, B[k][n] at b[n * ldb + k] (as h rows and gate-gradient rows are),
+// read as 32-bit pairs (b 4-byte aligned, ldb and k even); and D back.
+__device__ __forceinline__ FragmentA load_packed_a(const void* tile) {
+  return reinterpret_cast<const FragmentA*>(tile)[threadIdx.x % 32];
 }
 
 __device__ __forceinline__ FragmentB load_fragment_b(const uint16_t* b, int ldb) {
   const int lane = static_cast<int>(threadIdx.x % 32), g = lane / 4, q = lane % 4;
-  auto pair = [&](int k) { return uint32_t(b[g * ldb + k]) | uint32_t(b[g * ldb + k + 1]) << 16; };
-  return {{pair(2 * q), pair(2 * q + 8)}};
+  const uint32_t* col = reinterpret_cast<const uint32_t*>(b + g * ldb);
+  return {{col[q], col[q + 4]}};
 }
 
 // float32 rounded to tf32 (nearest, ties away from zero: PTX cvt.rna.tf32.f32), as its bits.
@@ -180,25 +182,25 @@ __device__ __forceinline__ void mma_m16n8k8_tf32(FragmentC& d, const FragmentA& 
 #endif
 }
 
-// The same loaders for 32-bit (tf32) tiles.
-__device__ __forceinline__ FragmentA load_fragment_a(const uint32_t* a, int lda) {
-  const int lane = static_cast<int>(threadIdx.x % 32), g = lane / 4, q = lane % 4;
-  return {{a[g * lda + q], a[(g + 8) * lda + q], a[g * lda + q + 4], a[(g + 8) * lda + q + 4]}};
-}
-
+// The same for 32-bit (tf32) B tiles.
 __device__ __forceinline__ FragmentB load_fragment_b(const uint32_t* b, int ldb) {
   const int lane = static_cast<int>(threadIdx.x % 32), g = lane / 4, q = lane % 4;
   return {{b[g * ldb + q], b[g * ldb + q + 4]}};
 }
 
-// One k tile of a product for each input type: its element (the bits in memory), its K, and
-// d += A[16 x K] B[K x 8] from tiles in memory (the loaders' layouts).
+// One k tile of a product for each input type: its element (the bits in memory), its K, the
+// packed A tile's size and layout, and d += A[16 x K] B[K x 8] (A packed, B as above).
 template <MmaInput In>
 struct TensorCore {
   using Elem = uint16_t;
   static constexpr int kK = 16;
-  __device__ __forceinline__ static void multiply_add(FragmentC& d, const Elem* a, int lda, const Elem* b, int ldb) {
-    mma_m16n8k16<In>(d, load_fragment_a(a, lda), load_fragment_b(b, ldb), d);
+  static constexpr int kTileElems = 16 * kK;
+  // Element (i, c) of the tile: lane (i % 8) * 4 + (c % 8) / 2, register (i >= 8) + 2 (c >= 8), half c % 2.
+  __host__ __device__ static constexpr int packed_a_index(int i, int c) {
+    return ((i % 8 * 4 + c % 8 / 2) * 4 + (i >= 8) + 2 * (c >= 8)) * 2 + c % 2;
+  }
+  __device__ __forceinline__ static void multiply_add(FragmentC& d, const Elem* a_packed, const Elem* b, int ldb) {
+    mma_m16n8k16<In>(d, load_packed_a(a_packed), load_fragment_b(b, ldb), d);
   }
 };
 
@@ -206,8 +208,13 @@ template <>
 struct TensorCore<MmaInput::TF32> {
   using Elem = uint32_t;
   static constexpr int kK = 8;
-  __device__ __forceinline__ static void multiply_add(FragmentC& d, const Elem* a, int lda, const Elem* b, int ldb) {
-    mma_m16n8k8_tf32(d, load_fragment_a(a, lda), load_fragment_b(b, ldb), d);
+  static constexpr int kTileElems = 16 * kK;
+  // Element (i, c): lane (i % 8) * 4 + c % 4, register (i >= 8) + 2 (c >= 4).
+  __host__ __device__ static constexpr int packed_a_index(int i, int c) {
+    return (i % 8 * 4 + c % 4) * 4 + (i >= 8) + 2 * (c >= 4);
+  }
+  __device__ __forceinline__ static void multiply_add(FragmentC& d, const Elem* a_packed, const Elem* b, int ldb) {
+    mma_m16n8k8_tf32(d, load_packed_a(a_packed), load_fragment_b(b, ldb), d);
   }
 };
 

@@ -344,7 +344,7 @@ TEST(cluster_launch_limits_fail_like_cuda) {
   cudaGetLastError();
 }
 
-// One tensor-core k tile per warp: D = A B + C from tiles in memory, through the fragment loaders.
+// One tensor-core k tile per warp: D = A B + C from tiles in memory (A packed), through the loaders.
 template <fastlstm::cuda::MmaInput In>
 __global__ void mma_kernel(const typename fastlstm::cuda::TensorCore<In>::Elem* a,
                            const typename fastlstm::cuda::TensorCore<In>::Elem* b_cols, const float* c, float* d) {
@@ -356,7 +356,7 @@ __global__ void mma_kernel(const typename fastlstm::cuda::TensorCore<In>::Elem* 
   fd.reg[1] = c[g * 8 + 2 * q + 1];
   fd.reg[2] = c[(g + 8) * 8 + 2 * q];
   fd.reg[3] = c[(g + 8) * 8 + 2 * q + 1];
-  TensorCore<In>::multiply_add(fd, a, K, b_cols, K);
+  TensorCore<In>::multiply_add(fd, a, b_cols, K);
   store_fragment_c(fd, d, 8);
 }
 
@@ -381,7 +381,11 @@ void check_mma(const char* name) {
   std::vector<float> av(16 * K), bv(K * 8);  // bv[k * 8 + n]
   for (int i = 0; i < 16 * K; ++i) av[i] = static_cast<float>((i * 7 + 3) % 49 - 24) / 8;
   for (int i = 0; i < K * 8; ++i) bv[i] = static_cast<float>((i * 5 + 1) % 41 - 20) / 8;
-  for (int i = 0; i < 16 * K; ++i) a[i] = static_cast<Elem>(to_bits(av[i], In));
+  for (int i = 0; i < 16; ++i) {
+    for (int k = 0; k < K; ++k) {
+      a[fastlstm::cuda::TensorCore<In>::packed_a_index(i, k)] = static_cast<Elem>(to_bits(av[i * K + k], In));
+    }
+  }
   for (int k = 0; k < K; ++k) {
     for (int n = 0; n < 8; ++n) b[n * K + k] = static_cast<Elem>(to_bits(bv[k * 8 + n], In));  // column by column
   }
