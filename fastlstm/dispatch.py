@@ -39,7 +39,8 @@ def cluster_support(hidden_size: int, batch: int, dtype: torch.dtype, device: to
                     proj_size: int = 0) -> tuple[bool, str]:
     """Whether backend 'cluster' can run this layer on ``device``, and why not: the cluster kernels
     for bfloat16, float16 and float32 where TF32 is allowed (the persistent backward where the
-    cluster backward does not fit), the persistent kernel for float64 and IEEE float32; the
+    cluster backward does not fit), the grid-scope persistent kernel for float64, IEEE float32
+    and layers the cluster forward cannot take (W_hh beyond 16 blocks' shared memory); the
     reason names the kernels that run."""
     if device.type != "cuda":
         return False, "the cluster kernel is CUDA only"
@@ -50,6 +51,15 @@ def cluster_support(hidden_size: int, batch: int, dtype: torch.dtype, device: to
     index = device.index if device.index is not None else torch.cuda.current_device()
     ok, reason = _extension._C.cluster_support(hidden_size, batch, str(dtype).replace("torch.", ""), index)
     return bool(ok), str(reason)
+
+
+def cluster_fallback(hidden_size: int, batch: int, dtype: torch.dtype, device: torch.device) -> str:
+    """Why backend 'cluster' runs this layer on the persistent kernel (float64, float32 without
+    TF32, a layer the cluster forward cannot take), or "" where the cluster kernels run it."""
+    if device.type != "cuda" or not _extension.cuda_compiled():
+        return ""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return str(_extension._C.cluster_fallback(hidden_size, batch, str(dtype).replace("torch.", ""), index))
 
 
 def batch_size(module: torch.nn.Module, input: torch.Tensor | PackedSequence) -> int:
@@ -86,9 +96,8 @@ def plan(module: torch.nn.Module, input: torch.Tensor | PackedSequence, backend:
                                      getattr(module, "proj_size", 0))
         if not ok:
             return Plan("error", reason)
-        # float64, and float32 without TF32, run on the persistent kernel (the reason says why).
-        runs = "persistent" if _extension._C.cluster_dtype_fallback(str(data.dtype).replace("torch.", "")) else "cluster"
-        return Plan(runs, reason)
+        fallback = cluster_fallback(module.hidden_size, batch_size(module, input), data.dtype, device)
+        return Plan("persistent" if fallback else "cluster", reason)
     return Plan("stepwise", "auto picks the stepwise kernels until the persistent kernel has been validated on a "
                             f"GPU (persistent: {reason})")
 

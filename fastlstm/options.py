@@ -31,9 +31,9 @@ class KernelOptions:
         sequence; CUDA only, see ``fastlstm.explain``) or ``"cluster"`` (opt-in, Hopper: the
         thread-block-cluster forward and backward on tensor cores for bfloat16, float16 and
         float32 as TF32 where ``torch.backends.cuda.matmul.fp32_precision`` is ``"tf32"``;
-        float64 and IEEE float32 run on the persistent kernel, and so does the backward where
-        the cluster backward does not fit; validated only on the CPU harness so far; ``"auto"``
-        never picks it).
+        float64, IEEE float32 and layers whose W_hh does not fit one cluster run on the
+        grid-scope persistent kernel, and so does the backward where the cluster backward does
+        not fit; validated only on the CPU harness so far; ``"auto"`` never picks it).
     tbptt_chunk: k, or None. The backward cuts the gradient carried through (h, c) between step
         s and s - 1 whenever s is a multiple of k, counting steps from the first step of the call
         in each direction's processing order (the reverse direction counts from each sequence's

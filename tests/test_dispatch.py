@@ -55,22 +55,23 @@ def test_cluster_backend_is_opt_in(monkeypatch):
     assert dispatch.plan(model, torch.randn(7, 3, 4), backend="cluster").backend == "error"
 
 
-def test_cluster_backend_names_the_kernel_that_runs_each_dtype(monkeypatch):
-    """float64, and float32 unless PyTorch's matmul precision allows TF32, run on the persistent
-    kernel under backend='cluster' (in a build with the CUDA kernels), and the plan says so."""
+def test_cluster_backend_names_the_kernel_that_runs(monkeypatch):
+    """Where the cluster kernels cannot take a layer (cluster_fallback says why: float64, float32
+    without TF32, W_hh beyond 16 blocks), backend='cluster' runs the persistent kernel, and the
+    plan names it. The rule itself is C++, tested on the CUDA harness
+    (test_layers.cpp: cluster_runs_float64_and_ieee_float32_on_the_persistent_kernel,
+    cluster_too_large_runs_on_the_persistent_kernel)."""
+    assert dispatch.cluster_fallback(6, 3, torch.float64, torch.device("cpu")) == ""  # CUDA devices only
     monkeypatch.setattr(dispatch, "cluster_support", lambda *a, **k: (True, "reason"))
+    asked = []
+
+    def fallback(hidden_size, batch, dtype, device):
+        asked.append((hidden_size, batch, dtype, device.type))
+        return "float64 stays on CUDA cores" if dtype == torch.float64 else ""
+
+    monkeypatch.setattr(dispatch, "cluster_fallback", fallback)
     model = fastlstm.LSTM(4, 6)
-    fallback = "persistent" if fastlstm.cuda_compiled() else "cluster"  # a CPU-only build has no CUDA rule
     x = torch.randn(7, 3, 4)
-
-    def runs(dtype: torch.dtype) -> str:
-        return dispatch.plan(model, x.to(dtype).to("meta"), backend="cluster").backend
-
-    saved = torch.backends.cuda.matmul.fp32_precision
-    try:
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        assert (runs(torch.float64), runs(torch.float32), runs(torch.bfloat16)) == (fallback, fallback, "cluster")
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        assert (runs(torch.float64), runs(torch.float32), runs(torch.float16)) == (fallback, "cluster", "cluster")
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = saved
+    assert dispatch.plan(model, x.double().to("meta"), backend="cluster") == dispatch.Plan("persistent", "reason")
+    assert dispatch.plan(model, x.bfloat16().to("meta"), backend="cluster") == dispatch.Plan("cluster", "reason")
+    assert asked == [(6, 3, torch.float64, "meta"), (6, 3, torch.bfloat16, "meta")]

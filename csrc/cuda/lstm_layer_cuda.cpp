@@ -155,14 +155,9 @@ Recurrence recurrence_for(std::string_view backend, const LayerInputs& in, bool 
     TORCH_CHECK(ok, "fastlstm: backend='persistent' cannot run this layer: ", reason);
     return Recurrence::Persistent;
   }
-  if (const std::string why = cluster_dtype_fallback(in.x.scalar_type()); !why.empty() && proj == 0) {
-    const auto [ok, reason] = persistent_support(H, B, in.x.scalar_type(), proj, in.x.get_device());
-    TORCH_CHECK(ok, "fastlstm: backend='cluster' runs this layer on the persistent kernel (", why,
-                "), which cannot run it: ", reason);
-    return Recurrence::Persistent;
-  }
   const auto [ok, reason] = cluster_support(H, B, in.x.scalar_type(), proj, in.x.get_device());
   TORCH_CHECK(ok, "fastlstm: backend='cluster' cannot run this layer: ", reason);
+  if (!cluster_fallback(H, B, in.x.scalar_type(), in.x.get_device()).empty()) return Recurrence::Persistent;
   if (with_backward && !cluster_backward_runs(H, B, in.x.scalar_type())) {
     const int device = static_cast<int>(in.x.get_device());
     const PersistentPlan bwd = persistent_plan(H, B, in.x.scalar_type(), device, true);
@@ -225,13 +220,14 @@ BackwardOut layer_backward(const std::optional<at::Tensor>& grad_y, const std::o
 
 }  // namespace
 
-std::string cluster_dtype_fallback(c10::ScalarType dtype) {
+std::string cluster_fallback(int64_t hidden_size, int64_t batch, c10::ScalarType dtype, int64_t device) {
   if (dtype == c10::kDouble) return "float64 stays on CUDA cores";
   if (dtype == c10::kFloat && !matmul_allows_tf32()) {
     return "float32 uses the tensor cores only as TF32, which torch.backends.cuda.matmul.fp32_precision "
            "does not allow (set it to 'tf32')";
   }
-  return "";
+  const ClusterPlan fwd = cluster_plan(hidden_size, batch, dtype, static_cast<int>(device), false);
+  return fwd.ok ? "" : fwd.reason;
 }
 
 std::tuple<bool, std::string> persistent_support(int64_t hidden_size, int64_t batch, c10::ScalarType dtype,
@@ -247,13 +243,14 @@ std::tuple<bool, std::string> persistent_support(int64_t hidden_size, int64_t ba
 std::tuple<bool, std::string> cluster_support(int64_t hidden_size, int64_t batch, c10::ScalarType dtype,
                                               int64_t proj_size, int64_t device) {
   if (proj_size > 0) return {false, "the cluster kernel does not support proj_size > 0"};
-  if (const std::string why = cluster_dtype_fallback(dtype); !why.empty()) {
+  if (const std::string why = cluster_fallback(hidden_size, batch, dtype, device); !why.empty()) {
+    // The grid-scope persistent kernel (v1) takes what the cluster kernels cannot.
     const auto [ok, reason] = persistent_support(hidden_size, batch, dtype, proj_size, device);
-    return {ok, "cluster: " + why + ", so the persistent kernel runs it: " + reason};
+    return {ok, "cluster: " + why + (ok ? "; the persistent kernel runs it: " : "; nor can the persistent kernel: ") +
+                    reason};
   }
   const int dev = static_cast<int>(device);
   const ClusterPlan fwd = cluster_plan(hidden_size, batch, dtype, dev, false);
-  if (!fwd.ok) return {false, fwd.reason};
   const ClusterPlan bwd = cluster_plan(hidden_size, batch, dtype, dev, true);
   if (bwd.ok) return {true, fwd.reason + "; " + bwd.reason};
   const PersistentPlan persistent = persistent_plan(hidden_size, batch, dtype, dev, true);

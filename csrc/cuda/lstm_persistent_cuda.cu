@@ -324,13 +324,15 @@ struct LaunchSetup {
 template <class Kernel>
 const LaunchSetup& launch_setup(Kernel* kernel, int device, int64_t H, int64_t B, c10::ScalarType dtype,
                                 bool backward) {
-  using Key = std::tuple<const void*, int, int64_t, int64_t, c10::ScalarType>;
+  // Keyed by the device limits too, which the CPU harness's tests change.
+  using Key = std::tuple<const void*, int, int64_t, int64_t, c10::ScalarType, size_t, int>;
   static std::mutex mutex;
   static std::map<Key, LaunchSetup> setups;
   static std::set<std::pair<const void*, int>> attribute_set;
   const std::lock_guard<std::mutex> lock(mutex);
   const void* key_kernel = reinterpret_cast<const void*>(kernel);
-  const Key key{key_kernel, device, H, B, dtype};
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
+  const Key key{key_kernel, device, H, B, dtype, prop->sharedMemPerBlockOptin, prop->multiProcessorCount};
   if (auto it = setups.find(key); it != setups.end()) return it->second;
   LaunchSetup setup;
   setup.plan = persistent_plan(H, B, dtype, device, backward);

@@ -530,7 +530,7 @@ TEST(cluster_backward_options) {
   for_each_tensor_core_type([&](Case& c) {
     c.H = 130;  // 9 units per block, K = 520 padded to 528: 33 k tiles
     c.B = 40;
-    c.T = 4;
+    c.T = 3;
     c.packed = true;
     c.norms = true;
     c.clip = 0.5;
@@ -539,7 +539,7 @@ TEST(cluster_backward_options) {
                                                     "W_hh on tensor cores (mma m16n8k8 tf32, K split over 4 warps)"
                                                   : "24 batch rows per cluster; W_hh's columns in shared memory, dG_t "
                                                     "W_hh on tensor cores (mma m16n8k16, K split over 2 warps)");
-  });
+  }, {at::kBFloat16, at::kFloat});  // the largest case: float16 shares bfloat16's code but the mma type
   limits.set(16, limits.saved().sharedMemPerBlockOptin);  // 3 clusters, the last one partial
   for_each_tensor_core_type([&](Case& c) {
     c.H = 40;
@@ -584,7 +584,7 @@ TEST(cluster_runs_float64_and_ieee_float32_on_the_persistent_kernel) {
     c.norms = true;
     c.reset = true;
     const auto [ok, reason] = fastlstm::cuda::cluster_support(c.H, c.B, c.dtype, 0, 0);
-    EXPECT(ok && contains(reason, dtype == at::kDouble ? "cluster: float64 stays on CUDA cores, so the persistent "
+    EXPECT(ok && contains(reason, dtype == at::kDouble ? "cluster: float64 stays on CUDA cores; the persistent "
                                                          "kernel runs it: persistent: "
                                                        : "cluster: float32 uses the tensor cores only as TF32"),
            reason);
@@ -612,13 +612,34 @@ TEST(cluster_refuses_clearly) {
   c.P = 5;
   std::string why = refusal(c);
   EXPECT(why.find("does not support proj_size > 0") != std::string::npos, why);
-  // W_hh beyond the shared memory of 16 blocks (this version keeps it there).
+  // W_hh beyond the shared memory of 16 blocks and of the persistent kernel's blocks: both reasons.
   DeviceLimits limits;
   limits.set(limits.saved().multiProcessorCount, 8 * 1024);
   c.P = 0;
   c.H = 64;
   why = refusal(c);
-  EXPECT(why.find("W_hh does not fit on chip") != std::string::npos, why);
+  EXPECT(contains(why, "backend='cluster' cannot run this layer: cluster: W_hh does not fit on chip") &&
+             contains(why, "; nor can the persistent kernel: W_hh does not fit on chip"),
+         why);
+}
+
+// A layer the cluster forward cannot take (W_hh beyond 16 blocks' shared memory) runs on the
+// grid-scope persistent kernel, which spreads W_hh over every SM, and the reason says so.
+TEST(cluster_too_large_runs_on_the_persistent_kernel) {
+  DeviceLimits limits;
+  limits.set(64, 4 * 1024);  // 16 blocks cannot hold W_hh at H=64; 64 blocks of one unit can
+  for_each_tensor_core_type([](Case& c) {
+    c.H = 64;
+    c.B = 6;
+    c.packed = true;
+    c.norms = true;
+    EXPECT(!plan_of(c).ok, plan_of(c).reason);
+    const auto [ok, reason] = fastlstm::cuda::cluster_support(c.H, c.B, c.dtype, 0, 0);
+    EXPECT(ok && contains(reason, "cluster: W_hh does not fit on chip") &&
+               contains(reason, "; the persistent kernel runs it: persistent: "),
+           reason);
+    EXPECT(!fastlstm::cuda::cluster_fallback(c.H, c.B, c.dtype, 0).empty(), "no fallback reason");
+  });
 }
 
 // Bitwise reproducibility: no atomics in any reduction, fixed reduction orders. The digest printed
