@@ -32,6 +32,16 @@ const GemmKernels<T>& gemm_kernels() {
   return table;
 }
 
+// The most rows (M) of a product with a weight for which the packed kernel is used; the layer
+// sends larger ones to ATen's mm. The packed kernel wins the per-step products (M = batch:
+// 1.1-2.1x MKL's sgemm at B=16, any depth, on AVX-512 and AVX2), MKL the products over many
+// steps (the input projection and dL/dx, M >= 256: the packed kernel at 0.75-1.0x); at B=64
+// they are even on AVX-512 and MKL is ahead on AVX2 (benchmarks/NOTES.md, gemm_micro).
+inline int64_t packed_max_rows() {
+  static const int64_t rows = capability() == Capability::AVX512 ? 64 : 16;
+  return rows;
+}
+
 template <class T>
 class PackedMatrix {
  public:

@@ -23,35 +23,46 @@ struct Tiling {
   static constexpr int kWidth = kVecs * V::size();
 };
 
-template <class T>
-void tile(int64_t depth, const T* A, int64_t rows_valid, const T* panel, T* C, int64_t ldc, int64_t cols_valid,
-          bool accumulate) {
+// R rows (R <= kRows: a short last row block, or a batch of 1 to 3, computes no spare rows).
+// Fewer rows split the reduction into S interleaved parts, each with its own accumulators, so
+// that a short tile has as many independent FMA chains as a full one (the FMA latency would
+// otherwise bound a batch of 1).
+template <class T, int R>
+void tile(int64_t depth, const T* A, const T* panel, T* C, int64_t ldc, int64_t cols_valid, bool accumulate) {
   using Tl = Tiling<T>;
   using V = typename Tl::V;
-  constexpr int R = Tl::kRows, NV = Tl::kVecs, L = V::size();
-  V acc[R][NV];
+  constexpr int NV = Tl::kVecs, L = V::size(), S = Tl::kRows / R;
+  V acc[S][R][NV];
   const T* a[R];
-  static_for<R>([&](auto m) {
-    a[m] = A + std::min<int64_t>(m, rows_valid - 1) * depth;  // spare rows repeat the last one
-    static_for<NV>([&](auto v) { acc[m][v] = V(T(0)); });
+  static_for<R>([&](auto m) { a[m] = A + m * depth; });
+  static_for<S>([&](auto q) {
+    static_for<R>([&](auto m) { static_for<NV>([&](auto v) { acc[q][m][v] = V(T(0)); }); });
   });
-  for (int64_t k = 0; k < depth; ++k) {
+  // k advances by S; the last depth % S steps go to the first parts.
+  auto step = [&](int64_t k, auto q) {
     const T* p = panel + k * Tl::kWidth;
     V b[NV];
     static_for<NV>([&](auto v) { b[v] = V::loadu(p + v * L); });
     static_for<R>([&](auto m) {
       const V s(a[m][k]);
-      static_for<NV>([&](auto v) { acc[m][v] = at::vec::fmadd(s, b[v], acc[m][v]); });
+      static_for<NV>([&](auto v) { acc[q][m][v] = at::vec::fmadd(s, b[v], acc[q][m][v]); });
     });
-  }
+  };
+  const int64_t full = depth - depth % S;
+  for (int64_t k = 0; k < full; k += S) static_for<S>([&](auto q) { step(k + q, q); });
+  static_for<S>([&](auto q) {
+    if (full + q < depth) step(full + q, q);
+  });
+  static_for<S - 1>([&](auto q) {
+    static_for<R>([&](auto m) { static_for<NV>([&](auto v) { acc[0][m][v] = acc[0][m][v] + acc[q + 1][m][v]; }); });
+  });
   static_for<R>([&](auto m) {
-    if (m >= rows_valid) return;
     static_for<NV>([&](auto v) {
       const int64_t col = static_cast<int64_t>(v) * L;
       if (col >= cols_valid) return;
       const int64_t count = std::min<int64_t>(L, cols_valid - col);
       T* c = C + m * ldc + col;
-      V r = acc[m][v];
+      V r = acc[0][m][v];
       if (accumulate) r = r + V::loadu(c, count);
       r.store(c, count);
     });
@@ -100,8 +111,13 @@ void multiply(int64_t M, const T* A, const T* packed, int64_t rows, int64_t cols
       const int64_t p = (t / kChunkBlocks) % panels;
       if (rb >= row_blocks) continue;
       const int64_t row0 = rb * Tl::kRows, col0 = p * Tl::kWidth;
-      tile<T>(rows, A + row0 * rows, std::min<int64_t>(Tl::kRows, M - row0), packed + p * rows * Tl::kWidth,
-              C + row0 * cols + col0, cols, std::min<int64_t>(Tl::kWidth, cols - col0), accumulate);
+      const int64_t live = std::min<int64_t>(Tl::kRows, M - row0);
+      static_for<Tl::kRows>([&](auto r) {
+        if (live == r + 1) {
+          tile<T, r + 1>(rows, A + row0 * rows, packed + p * rows * Tl::kWidth, C + row0 * cols + col0, cols,
+                         std::min<int64_t>(Tl::kWidth, cols - col0), accumulate);
+        }
+      });
     }
   });
 }
