@@ -47,9 +47,11 @@ Stats stats(std::vector<double> v) {
 struct Product {
   std::string name;
   int64_t M, K, N;
-  bool accumulate;
-  // The library's choice for this product (packed_max_rows, packed_gemm_cpu.h).
-  bool library_packs() const { return M <= fastlstm::cpu::packed_max_rows(); }
+  bool accumulate, forward;
+  // The library's choice for this product (packed_gemm_cpu.h).
+  bool library_packs() const {
+    return forward ? K <= fastlstm::cpu::kForwardPackedMaxDepth : M <= fastlstm::cpu::packed_max_rows();
+  }
 };
 
 void compare(const Product& p, const at::Tensor& w, bool transposed, int repeats) {
@@ -127,10 +129,10 @@ int main(int argc, char** argv) {
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   for (const int64_t H : hs) {
     const at::Tensor w = at::randn({4 * H, H}, f32) * 0.05;  // W_ih with I = H, or W_hh
-    for (const int64_t M : {256, 2048, 16000}) compare({"proj", M, H, 4 * H, false}, w, true, repeats);
-    for (const int64_t M : {256, 2048, 16000}) compare({"dx", M, 4 * H, H, false}, w, false, repeats);
-    for (const int64_t B : {1, 16, 64}) compare({"step", B, H, 4 * H, true}, w, true, repeats);
-    for (const int64_t B : {1, 16, 64}) compare({"step_bwd", B, 4 * H, H, true}, w, false, repeats);
+    for (const int64_t M : {256, 2048, 16000}) compare({"proj", M, H, 4 * H, false, true}, w, true, repeats);
+    for (const int64_t M : {256, 2048, 16000}) compare({"dx", M, 4 * H, H, false, false}, w, false, repeats);
+    for (const int64_t B : {1, 16, 64}) compare({"step", B, H, 4 * H, true, true}, w, true, repeats);
+    for (const int64_t B : {1, 16, 64}) compare({"step_bwd", B, 4 * H, H, true, false}, w, false, repeats);
   }
   return 0;
 }

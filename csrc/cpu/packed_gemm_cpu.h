@@ -32,11 +32,18 @@ const GemmKernels<T>& gemm_kernels() {
   return table;
 }
 
-// The most rows (M) of a product with a weight for which the packed kernel is used; the layer
-// sends larger ones to ATen's mm. The packed kernel wins the per-step products (M = batch:
-// 1.1-2.1x MKL's sgemm at B=16, any depth, on AVX-512 and AVX2), MKL the products over many
-// steps (the input projection and dL/dx, M >= 256: the packed kernel at 0.75-1.0x); at B=64
-// they are even on AVX-512 and MKL is ahead on AVX2 (benchmarks/NOTES.md, gemm_micro).
+// The forward's products with a weight (the input projection, the stepwise path's step
+// products) run on the packed kernel up to this reduction depth, although MKL is 5-16% faster on
+// the input projection (benchmarks/NOTES.md): a packed row's result does not depend on how many
+// rows a call has, which keeps the forward bit-identical however its steps are chunked
+// (checkpointing, inference chunks: tests/test_checkpointing.py); MKL's rows do not promise that.
+inline constexpr int64_t kForwardPackedMaxDepth = 512;
+
+// The most rows (M) of a backward product with a weight (dL/dx, the stepwise path's dG W) for
+// which the packed kernel is used; the layer sends larger ones to ATen's mm. The packed kernel
+// wins the per-step products (M = batch: 1.0-2.3x MKL's sgemm at B <= 16, any depth, on AVX-512
+// and AVX2), MKL the products over many steps (dL/dx, M >= 256: the packed kernel at
+// 0.71-1.0x); at B=64 they are even on AVX-512 and MKL is ahead on AVX2 (benchmarks/NOTES.md).
 inline int64_t packed_max_rows() {
   static const int64_t rows = capability() == Capability::AVX512 ? 64 : 16;
   return rows;

@@ -24,45 +24,35 @@ struct Tiling {
 };
 
 // R rows (R <= kRows: a short last row block, or a batch of 1 to 3, computes no spare rows).
-// Fewer rows split the reduction into S interleaved parts, each with its own accumulators, so
-// that a short tile has as many independent FMA chains as a full one (the FMA latency would
-// otherwise bound a batch of 1).
+// A row's result does not depend on R or on M (the same FMA sequence for every row): the forward
+// is bit-identical however its steps are chunked (checkpointing, inference chunks).
 template <class T, int R>
 void tile(int64_t depth, const T* A, const T* panel, T* C, int64_t ldc, int64_t cols_valid, bool accumulate) {
   using Tl = Tiling<T>;
   using V = typename Tl::V;
-  constexpr int NV = Tl::kVecs, L = V::size(), S = Tl::kRows / R;
-  V acc[S][R][NV];
+  constexpr int NV = Tl::kVecs, L = V::size();
+  V acc[R][NV];
   const T* a[R];
-  static_for<R>([&](auto m) { a[m] = A + m * depth; });
-  static_for<S>([&](auto q) {
-    static_for<R>([&](auto m) { static_for<NV>([&](auto v) { acc[q][m][v] = V(T(0)); }); });
+  static_for<R>([&](auto m) {
+    a[m] = A + m * depth;
+    static_for<NV>([&](auto v) { acc[m][v] = V(T(0)); });
   });
-  // k advances by S; the last depth % S steps go to the first parts.
-  auto step = [&](int64_t k, auto q) {
+  for (int64_t k = 0; k < depth; ++k) {
     const T* p = panel + k * Tl::kWidth;
     V b[NV];
     static_for<NV>([&](auto v) { b[v] = V::loadu(p + v * L); });
     static_for<R>([&](auto m) {
       const V s(a[m][k]);
-      static_for<NV>([&](auto v) { acc[q][m][v] = at::vec::fmadd(s, b[v], acc[q][m][v]); });
+      static_for<NV>([&](auto v) { acc[m][v] = at::vec::fmadd(s, b[v], acc[m][v]); });
     });
-  };
-  const int64_t full = depth - depth % S;
-  for (int64_t k = 0; k < full; k += S) static_for<S>([&](auto q) { step(k + q, q); });
-  static_for<S>([&](auto q) {
-    if (full + q < depth) step(full + q, q);
-  });
-  static_for<S - 1>([&](auto q) {
-    static_for<R>([&](auto m) { static_for<NV>([&](auto v) { acc[0][m][v] = acc[0][m][v] + acc[q + 1][m][v]; }); });
-  });
+  }
   static_for<R>([&](auto m) {
     static_for<NV>([&](auto v) {
       const int64_t col = static_cast<int64_t>(v) * L;
       if (col >= cols_valid) return;
       const int64_t count = std::min<int64_t>(L, cols_valid - col);
       T* c = C + m * ldc + col;
-      V r = acc[0][m][v];
+      V r = acc[m][v];
       if (accumulate) r = r + V::loadu(c, count);
       r.store(c, count);
     });
