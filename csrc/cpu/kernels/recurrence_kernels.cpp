@@ -31,6 +31,8 @@ struct Blocking {
   static constexpr int L = V::size();
   // Forward tile: kRows x 4 accumulators (AVX-512 has 32 vector registers, AVX2 16).
   static constexpr int kRows = L * sizeof(T) >= 64 ? 4 : 2;
+  // Backward carry tile: 4 rows x kCarryBlocks unit blocks of accumulators (16 spilled on AVX2).
+  static constexpr int kCarryBlocks = L * sizeof(T) >= 64 ? 4 : 2;
 };
 
 int64_t slices_for(int64_t blocks) {
@@ -183,16 +185,17 @@ void carry_tile(const ChunkRecurrenceArgs<T, T>& a, const T* packed, int64_t ub,
   });
 }
 
-// Unit blocks [ub0, ub1) x rows [row0, row0 + rows), rows <= 4: groups of up to 4 unit blocks (one
-// weight load then serves 4 rows x 4 blocks).
+// Unit blocks [ub0, ub1) x rows [row0, row0 + rows), rows <= 4: groups of up to kCarryBlocks unit
+// blocks (one broadcast then serves that many blocks, one weight load 4 rows).
 template <class T>
 void carry_rows(const ChunkRecurrenceArgs<T, T>& a, const T* packed, int64_t ub0, int64_t ub1, int64_t row0,
                 int64_t rows, const T* dg) {
+  constexpr int G = Blocking<T>::kCarryBlocks;
   for (int64_t ub = ub0; ub < ub1;) {
-    const int64_t group = std::min<int64_t>(4, ub1 - ub);
+    const int64_t group = std::min<int64_t>(G, ub1 - ub);
     static_for<4>([&](auto r) {
       if (rows != r + 1) return;
-      static_for<4>([&](auto v) {
+      static_for<G>([&](auto v) {
         if (group == v + 1) carry_tile<T, r + 1, v + 1>(a, packed, ub, row0, dg);
       });
     });
