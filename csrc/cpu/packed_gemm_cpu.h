@@ -40,10 +40,11 @@ const GemmKernels<T>& gemm_kernels() {
 inline constexpr int64_t kForwardPackedMaxDepth = 512;
 
 // The most rows (M) of a backward product with a weight (dL/dx, the stepwise path's dG W) for
-// which the packed kernel is used; the layer sends larger ones to ATen's mm. The packed kernel
-// wins the per-step products (M = batch: 1.0-2.3x MKL's sgemm at B <= 16, any depth, on AVX-512
-// and AVX2), MKL the products over many steps (dL/dx, M >= 256: the packed kernel at
-// 0.71-1.0x); at B=64 they are even on AVX-512 and MKL is ahead on AVX2 (benchmarks/NOTES.md).
+// which the packed kernel is used; the layer sends larger ones to ATen's mm. Measured against
+// MKL's sgemm (benchmarks/NOTES.md, gemm_micro): the packed kernel is even or ahead on the
+// per-step products (M = batch <= 16: 0.75-2.3x; the weight is packed once per call, MKL packs
+// it per call), behind on the products over many steps (dL/dx, M >= 256: 0.71-1.02x); at B=64
+// even on AVX-512 (0.92-1.14x), behind on AVX2 (0.87-1.05x).
 inline int64_t packed_max_rows() {
   static const int64_t rows = capability() == Capability::AVX512 ? 64 : 16;
   return rows;
