@@ -17,7 +17,8 @@ Presets (default: the full grid of the device):
                default to T=1000, B=16, H=128 on CPU / 256 on CUDA, I=H, float32); --packed makes
                its batches ragged, as the --cpu-table's packed rows.
 
-Writes <device>-<date>-<preset>.json, .md and .png under benchmarks/results/ (or --out) and prints
+Writes <device>-<date>-<preset>.json, .md and .png under benchmarks/results/ (or --out; on the CPU
+<device>-<date>-<level>-<preset>, the level fastlstm.cpu_capability() reports) and prints
 the markdown to stdout (progress goes to stderr). Configurations whose estimated memory exceeds what
 is free are skipped and reported as such; a configuration that fails is reported in its row.
 
@@ -294,7 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{environment.device_slug(device)}-{meta['date'][:10]}-{preset.name}"
+    # On the CPU the SIMD level is part of the name: one machine gives a table per level.
+    level = f"-{meta['fastlstm_cpu_capability'].lower()}" if device.type == "cpu" else ""
+    stem = f"{environment.device_slug(device)}-{meta['date'][:10]}{level}-{preset.name}"
     report.write_json(args.out / f"{stem}.json", meta, rows)
     report.write_markdown(args.out / f"{stem}.md", text)
     note = report.write_plot(args.out / f"{stem}.png", meta, rows)

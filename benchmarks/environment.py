@@ -29,6 +29,9 @@ def _run(command: list[str]) -> str | None:
     return done.stdout.strip() or None
 
 
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo on Linux, else platform.processor())."""
     try:
@@ -47,7 +50,7 @@ def device_name(device: torch.device) -> str:
 
 def device_slug(device: torch.device) -> str:
     """A file-name-safe device name: 'nvidia-h100-80gb-hbm3', 'cpu-amd-epyc'."""
-    name = device_name(device)
+    name = re.sub(r"\((r|tm)\)", "", device_name(device), flags=re.IGNORECASE)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or device.type
     return slug if device.type == "cuda" else f"cpu-{slug}"
 
@@ -96,6 +99,9 @@ def collect(device: torch.device, settings: dict[str, Any], libraries: dict[str,
         "fastlstm_version": fastlstm.__version__,
         "fastlstm_cuda_compiled": fastlstm.cuda_compiled(),
         "fastlstm_cpu_capability": fastlstm.cpu_capability(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # What lowers the SIMD level of each side: ATen's and fastlstm's kernels, MKL, oneDNN.
+        "isa_environment": {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ},
         "git_commit": _git_commit(),
         "cpu_model": cpu_model(),
         "cpu_logical_cores": os.cpu_count(),

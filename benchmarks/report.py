@@ -146,7 +146,9 @@ def markdown_header(meta: dict[str, Any]) -> str:
              f"- date: {meta['date']}; preset: {s['preset']}; whole run: {s['run_seconds']} s wall clock",
              f"- torch {meta['torch_version']}, Python {meta['python']}, {meta['platform']}",
              f"- fastlstm {meta['fastlstm_version']} (git {meta['git_commit']}), CUDA kernels compiled: "
-             f"{meta['fastlstm_cuda_compiled']}, CPU kernels: {meta['fastlstm_cpu_capability']}"]
+             f"{meta['fastlstm_cuda_compiled']}, CPU kernels: {meta['fastlstm_cpu_capability']} "
+             f"(torch's: {meta.get('torch_cpu_capability', '?')}; "
+             f"{', '.join(f'{k}={v}' for k, v in meta.get('isa_environment', {}).items()) or 'no ISA variable set'})"]
     if "gpu_name" in meta:
         lines.append(f"- GPU: {meta['gpu_name']} (sm_{meta['compute_capability'].replace('.', '')}, "
                      f"{meta['sm_count']} SMs, {meta['gpu_memory_gib']} GiB), driver {meta['driver_version']}, "

@@ -1,6 +1,7 @@
-// The layer ops on the CPU: products with a weight go through the packed kernel of
-// packed_gemm_cpu.cpp up to a reduction depth of 512, through ATen's mm beyond, and the weight
-// gradients through ATen's mm; the recurrence is fused in one parallel region
+// The layer ops on the CPU: the forward's products with a weight go through the packed kernel of
+// packed_gemm_cpu.h up to a reduction depth of 512 and through ATen's mm beyond; the backward's
+// through the packed kernel when they have few rows (packed_max_rows), through ATen's mm
+// otherwise; the weight gradients through ATen's mm. The recurrence is fused in one parallel region
 // (lstm_recurrence_cpu.cpp), or, for projection layers, runs step by step with the cell kernels of
 // lstm_cell_cpu.cpp. Half types run in float and are converted at the boundary, so the cell state
 // and every accumulation are fp32 (DESIGN.md section 7).
@@ -16,10 +17,6 @@
 namespace fastlstm::cpu {
 namespace {
 
-// The packed kernel beats MKL's sgemm on this library's products up to a reduction depth of 512
-// (measured on AVX-512 and AVX2 machines); deeper products go to ATen's mm.
-constexpr int64_t kPackedMaxDepth = 512;
-
 struct CpuPolicy {
   // A weight W (rows x cols) for repeated products; each packed layout is made once, on first use.
   template <class S>
@@ -32,7 +29,7 @@ struct CpuPolicy {
     void times_transposed(int64_t M, const S* A, C* out, bool accumulate) {
       static_assert(std::is_same_v<S, C>, "the CPU path computes in one dtype");
       const int64_t rows = w_.size(0), cols = w_.size(1);
-      if (cols <= kPackedMaxDepth) {
+      if (cols <= kForwardPackedMaxDepth) {
         if (transposed_.empty()) transposed_ = PackedMatrix<S>(w_.data_ptr<S>(), cols, rows, 1, cols);
         transposed_.multiply(M, A, out, accumulate);
       } else {
@@ -45,7 +42,7 @@ struct CpuPolicy {
     void times(int64_t M, const S* A, C* out, bool accumulate) {
       static_assert(std::is_same_v<S, C>, "the CPU path computes in one dtype");
       const int64_t rows = w_.size(0), cols = w_.size(1);
-      if (rows <= kPackedMaxDepth) {
+      if (M <= packed_max_rows()) {
         if (plain_.empty()) plain_ = PackedMatrix<S>(w_.data_ptr<S>(), rows, cols, cols, 1);
         plain_.multiply(M, A, out, accumulate);
       } else {

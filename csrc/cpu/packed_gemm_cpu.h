@@ -32,6 +32,24 @@ const GemmKernels<T>& gemm_kernels() {
   return table;
 }
 
+// The forward's products with a weight (the input projection, the stepwise path's step
+// products) run on the packed kernel up to this reduction depth, although MKL is 5-16% faster on
+// the input projection (benchmarks/NOTES.md): a packed row's result does not depend on how many
+// rows a call has, which keeps the forward bit-identical however its steps are chunked
+// (checkpointing, inference chunks: tests/test_checkpointing.py); MKL's rows do not promise that.
+inline constexpr int64_t kForwardPackedMaxDepth = 512;
+
+// The most rows (M) of a backward product with a weight (dL/dx, the stepwise path's dG W) for
+// which the packed kernel is used; the layer sends larger ones to ATen's mm. Measured against
+// MKL's sgemm (benchmarks/NOTES.md, gemm_micro): the packed kernel is even or ahead on the
+// per-step products (M = batch <= 16: 0.75-2.3x; the weight is packed once per call, MKL packs
+// it per call), behind on the products over many steps (dL/dx, M >= 256: 0.71-1.02x); at B=64
+// even on AVX-512 (0.92-1.14x), behind on AVX2 (0.87-1.05x).
+inline int64_t packed_max_rows() {
+  static const int64_t rows = capability() == Capability::AVX512 ? 64 : 16;
+  return rows;
+}
+
 template <class T>
 class PackedMatrix {
  public:

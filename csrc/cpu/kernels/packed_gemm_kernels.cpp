@@ -23,16 +23,18 @@ struct Tiling {
   static constexpr int kWidth = kVecs * V::size();
 };
 
-template <class T>
-void tile(int64_t depth, const T* A, int64_t rows_valid, const T* panel, T* C, int64_t ldc, int64_t cols_valid,
-          bool accumulate) {
+// R rows (R <= kRows: a short last row block, or a batch of 1 to 3, computes no spare rows).
+// A row's result does not depend on R or on M (the same FMA sequence for every row): the forward
+// is bit-identical however its steps are chunked (checkpointing, inference chunks).
+template <class T, int R>
+void tile(int64_t depth, const T* A, const T* panel, T* C, int64_t ldc, int64_t cols_valid, bool accumulate) {
   using Tl = Tiling<T>;
   using V = typename Tl::V;
-  constexpr int R = Tl::kRows, NV = Tl::kVecs, L = V::size();
+  constexpr int NV = Tl::kVecs, L = V::size();
   V acc[R][NV];
   const T* a[R];
   static_for<R>([&](auto m) {
-    a[m] = A + std::min<int64_t>(m, rows_valid - 1) * depth;  // spare rows repeat the last one
+    a[m] = A + m * depth;
     static_for<NV>([&](auto v) { acc[m][v] = V(T(0)); });
   });
   for (int64_t k = 0; k < depth; ++k) {
@@ -45,7 +47,6 @@ void tile(int64_t depth, const T* A, int64_t rows_valid, const T* panel, T* C, i
     });
   }
   static_for<R>([&](auto m) {
-    if (m >= rows_valid) return;
     static_for<NV>([&](auto v) {
       const int64_t col = static_cast<int64_t>(v) * L;
       if (col >= cols_valid) return;
@@ -100,8 +101,13 @@ void multiply(int64_t M, const T* A, const T* packed, int64_t rows, int64_t cols
       const int64_t p = (t / kChunkBlocks) % panels;
       if (rb >= row_blocks) continue;
       const int64_t row0 = rb * Tl::kRows, col0 = p * Tl::kWidth;
-      tile<T>(rows, A + row0 * rows, std::min<int64_t>(Tl::kRows, M - row0), packed + p * rows * Tl::kWidth,
-              C + row0 * cols + col0, cols, std::min<int64_t>(Tl::kWidth, cols - col0), accumulate);
+      const int64_t live = std::min<int64_t>(Tl::kRows, M - row0);
+      static_for<Tl::kRows>([&](auto r) {
+        if (live == r + 1) {
+          tile<T, r + 1>(rows, A + row0 * rows, packed + p * rows * Tl::kWidth, C + row0 * cols + col0, cols,
+                         std::min<int64_t>(Tl::kWidth, cols - col0), accumulate);
+        }
+      });
     }
   });
 }

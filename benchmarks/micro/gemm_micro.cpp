@@ -1,0 +1,138 @@
+// The packed kernel (csrc/cpu/packed_gemm_cpu.h) against ATen's mm (the vendor BLAS) on this
+// library's products with a weight, float32, the two sides interleaved:
+//   proj      C[M, 4H]  = X[M, I] W_ih^T      input projection (forward), I = H
+//   dx        C[M, I]   = dG[M, 4H] W_ih      input gradient (backward)
+//   step      G[B, 4H] += h[B, H] W_hh^T      recurrent product of the stepwise path
+//   step_bwd  D[B, H]  += dG[B, 4H] W_hh      its backward
+// Both sides are called as lstm_layer_cpu.cpp calls them (at::mm_out / addmm_ on the weight or
+// its transposed view); the packed side runs the extension's own kernel objects, at the level
+// ATEN_CPU_CAPABILITY allows. The weight is packed once per layer call: its cost is a column.
+//   benchmarks/micro/build.sh && benchmarks/micro/gemm_micro [threads (2)] [repeats (7)] [H ...]
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "cpu/cpu_capability.h"
+#include "cpu/packed_gemm_cpu.h"
+
+namespace {
+
+using fastlstm::cpu::PackedMatrix;
+using Clock = std::chrono::steady_clock;
+
+double seconds_of(const std::function<void()>& f) {
+  const auto start = Clock::now();
+  f();
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+struct Stats {
+  double median, min;
+};
+
+Stats stats(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return {v[v.size() / 2], v.front()};
+}
+
+// One product, both ways: packed(A, C) and blas(A, C) compute the same C from A.
+struct Product {
+  std::string name;
+  int64_t M, K, N;
+  bool accumulate, forward;
+  // The library's choice for this product (packed_gemm_cpu.h).
+  bool library_packs() const {
+    return forward ? K <= fastlstm::cpu::kForwardPackedMaxDepth : M <= fastlstm::cpu::packed_max_rows();
+  }
+};
+
+void compare(const Product& p, const at::Tensor& w, bool transposed, int repeats) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor a = at::randn({p.M, p.K}, f32), c = at::zeros({p.M, p.N}, f32);
+  // W as the library stores it: W_ih (4H, I) / W_hh (4H, H); the product reads W^T or W.
+  const int64_t rows = w.size(0), cols = w.size(1);
+  PackedMatrix<float> packed;
+  const double pack_s = seconds_of([&] {
+    packed = transposed ? PackedMatrix<float>(w.data_ptr<float>(), cols, rows, 1, cols)
+                        : PackedMatrix<float>(w.data_ptr<float>(), rows, cols, cols, 1);
+  });
+  const at::Tensor b = transposed ? w.t() : w;
+  at::Tensor cc = c;
+  auto run_packed = [&] { packed.multiply(p.M, a.data_ptr<float>(), c.data_ptr<float>(), p.accumulate); };
+  auto run_blas = [&] {
+    if (p.accumulate) {
+      cc.addmm_(a, b);
+    } else {
+      at::mm_out(cc, a, b);
+    }
+  };
+  // Check once that both compute the same product.
+  c.zero_();
+  run_packed();
+  const at::Tensor ref = c.clone();
+  c.zero_();
+  run_blas();
+  const double err = (c - ref).abs().max().item<double>() / std::max(1e-30, ref.abs().max().item<double>());
+  if (err > 1e-4) std::fprintf(stderr, "%s M=%lld: packed and mm differ by %g (relative)\n", p.name.c_str(),
+                               (long long)p.M, err);
+  // Enough calls per sample for about 20 ms of the packed side.
+  const double one = std::min(seconds_of(run_packed), seconds_of(run_packed));
+  const int calls = std::max(1, static_cast<int>(0.02 / std::max(one, 1e-7)));
+  auto sample = [&](const std::function<void()>& f) {
+    return seconds_of([&] {
+             for (int i = 0; i < calls; ++i) f();
+           }) / calls;
+  };
+  std::vector<double> tp, tb;
+  for (int r = 0; r < repeats; ++r) {  // interleaved, the order alternating
+    if (r % 2) {
+      tp.push_back(sample(run_packed));
+      tb.push_back(sample(run_blas));
+    } else {
+      tb.push_back(sample(run_blas));
+      tp.push_back(sample(run_packed));
+    }
+  }
+  const Stats sp = stats(tp), sb = stats(tb);
+  const double flops = 2.0 * p.M * p.K * p.N;
+  std::printf("| %s | %lld | %lld | %lld | %.4g / %.4g | %.4g / %.4g | %.2f | %.0f / %.0f | %.3g | %s | %s |\n",
+              p.name.c_str(), (long long)p.M, (long long)p.K, (long long)p.N, sp.median * 1e3, sp.min * 1e3,
+              sb.median * 1e3, sb.min * 1e3, sb.median / sp.median, flops / sp.min / 1e9, flops / sb.min / 1e9,
+              pack_s * 1e3, sb.median < sp.median ? "mm" : "packed", p.library_packs() ? "packed" : "mm");
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int threads = argc > 1 ? std::atoi(argv[1]) : 2;
+  const int repeats = argc > 2 ? std::atoi(argv[2]) : 7;
+  std::vector<int64_t> hs;
+  for (int i = 3; i < argc; ++i) hs.push_back(std::atoll(argv[i]));
+  if (hs.empty()) hs = {64, 128, 256, 512, 768};
+  at::set_num_threads(threads);
+  at::manual_seed(0);
+  std::printf("packed kernel level %s, torch %s, %d threads, %d interleaved samples per side\n\n",
+              fastlstm::cpu::capability_name(fastlstm::cpu::capability()), at::get_cpu_capability().c_str(),
+              at::get_num_threads(), repeats);
+  std::printf("| product | M | K | N | packed ms (median / min) | mm ms (median / min) | packed speedup (mm / packed) "
+              "| GFLOP/s at min (packed / mm) | pack ms | faster | library |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  for (const int64_t H : hs) {
+    const at::Tensor w = at::randn({4 * H, H}, f32) * 0.05;  // W_ih with I = H, or W_hh
+    for (const int64_t M : {256, 2048, 16000}) compare({"proj", M, H, 4 * H, false, true}, w, true, repeats);
+    for (const int64_t M : {256, 2048, 16000}) compare({"dx", M, 4 * H, H, false, false}, w, false, repeats);
+    for (const int64_t B : {1, 16, 64}) compare({"step", B, H, 4 * H, true, true}, w, true, repeats);
+    for (const int64_t B : {1, 16, 64}) compare({"step_bwd", B, 4 * H, H, true, false}, w, false, repeats);
+  }
+  return 0;
+}
