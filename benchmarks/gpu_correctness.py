@@ -8,7 +8,7 @@ Each case builds one float64 model and one input, rounds both to the dtype under
 kernels) and
 (b) the float64 CPU reference on the rounded values upcast to float64: ``torch.nn.LSTM`` for the
 cases it can compute, fastlstm's own CPU kernels in float64 where the case uses a fastlstm-only
-option (TBPTT, clipping, gradient norms, checkpointing; those CPU kernels are themselves checked
+option (TBPTT, clipping, gradient norms, checkpointing, resets; those CPU kernels are themselves checked
 against independent references in tests/). Compared: output, h_n, c_n, the gradients of input,
 h0, c0 and every parameter under one random loss, and the recorded gradient norms. Every kernel
 buffer is poisoned with NaN first, so an unwritten element fails.
@@ -53,11 +53,12 @@ class Case:
     layers: int = 1
     bidirectional: bool = False
     packed: bool = False
+    reset: bool = False  # per-sample state resets at random steps (fastlstm only)
     options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def torch_can_compute(self) -> bool:
-        return not any(key in self.options for key in FASTLSTM_ONLY)
+        return not self.reset and not any(key in self.options for key in FASTLSTM_ONLY)
 
 
 CASES = [
@@ -70,6 +71,9 @@ CASES = [
     Case("tbptt-clip-norms-checkpoint", T=20, B=3, I=5, H=40, bidirectional=True, packed=True,
          options={"tbptt_chunk": 6, "grad_clip": 0.05, "record_grad_norms": True, "checkpoint_every": 5},
          dtypes=(F64, F32, BF16)),
+    # Per-sample resets in both directions of a stacked packed layer, with truncation and norms.
+    Case("resets-packed-bidirectional", T=17, B=6, I=5, H=40, layers=2, bidirectional=True, packed=True, reset=True,
+         options={"tbptt_chunk": 5, "record_grad_norms": True}, dtypes=(F64, F32, BF16)),
     Case("clip-gates", T=15, B=4, I=6, H=64, packed=True,
          options={"grad_clip": 0.05, "grad_clip_mode": "gates", "record_grad_norms": True}, dtypes=(F64, F32, F16)),
     # The benchmark's shape (cuDNN's persistent reference), shorter: the timed kernels compute the right thing.
@@ -87,7 +91,8 @@ def make_inputs(case: Case, generator: torch.Generator) -> dict[str, Tensor]:
     return {"x": randn(case.T, case.B, case.I), "h0": randn(case.layers * D, case.B, case.H),
             "c0": randn(case.layers * D, case.B, case.H), "gy": randn(case.T, case.B, D * case.H),
             "gh": randn(case.layers * D, case.B, case.H), "gc": randn(case.layers * D, case.B, case.H),
-            "lengths": lengths if case.packed else torch.full((case.B,), case.T)}
+            "lengths": lengths if case.packed else torch.full((case.B,), case.T),
+            "reset": torch.rand(case.T, case.B, generator=generator, dtype=F64) < 0.2}
 
 
 def run_model(model: nn.Module, case: Case, data: dict[str, Tensor], device: str, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -99,7 +104,8 @@ def run_model(model: nn.Module, case: Case, data: dict[str, Tensor], device: str
     inp: Tensor | PackedSequence = x
     if case.packed:
         inp = pack_padded_sequence(x, data["lengths"], enforce_sorted=False)
-    y, (h, c) = model(inp, (leaves["h0"], leaves["c0"]))
+    extra = {"reset": data["reset"].to(device)} if case.reset else {}
+    y, (h, c) = model(inp, (leaves["h0"], leaves["c0"]), **extra)
     if isinstance(y, PackedSequence):
         y = torch.nn.utils.rnn.pad_packed_sequence(y, total_length=case.T)[0]
     loss = (y * weights["gy"]).sum() + (h * weights["gh"]).sum() + (c * weights["gc"]).sum()
@@ -153,7 +159,7 @@ def check(case: Case, dtype: torch.dtype, backends: list[str], device: str, seed
     model64 = fastlstm.LSTM(case.I, case.H, case.layers, bidirectional=case.bidirectional, dtype=F64, **case.options)
     # The model and data as the device sees them (rounded to dtype); the reference starts from these.
     model = copy.deepcopy(model64).to(device=device, dtype=dtype)
-    data = {k: v if k == "lengths" else v.to(dtype).to(F64) for k, v in data.items()}
+    data = {k: v if k in ("lengths", "reset") else v.to(dtype).to(F64) for k, v in data.items()}
     expected = reference(model, case, data)
     reference_name = "torch.nn.LSTM" if case.torch_can_compute else "fastlstm CPU"
     tolerance = TOLERANCE[dtype]
