@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fastlstm
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -76,7 +78,9 @@ def test_per_step_table_divides_by_the_sequence_length():
 
 def test_correctness_check_runs_on_the_cpu_kernels():
     """gpu_correctness's reference, rounding and comparison, on one case with the CPU kernels."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # The script's own directory is on its sys.path, not the one holding fastlstm: point it at the
+    # fastlstm this test imported (the source tree built in place, or an installed wheel).
+    env = {**os.environ, "PYTHONPATH": str(Path(fastlstm.__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_correctness.py"), "--device", "cpu",
                            "--cases", "clip-gates"], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
