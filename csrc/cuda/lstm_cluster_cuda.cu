@@ -609,6 +609,17 @@ ClusterPlan plan_for(int64_t H, int64_t B, int device, bool backward) {
   return p;
 }
 
+ClusterPlan computed_plan(int64_t H, int64_t B, c10::ScalarType dtype, int device, bool backward) {
+  if (dtype == c10::kBFloat16) return plan_for<c10::BFloat16>(H, B, device, backward);
+  if (dtype == c10::kHalf) return plan_for<c10::Half>(H, B, device, backward);
+  if (dtype == c10::kFloat) return plan_for<float>(H, B, device, backward);
+  ClusterPlan p;
+  p.reason = std::string("the cluster kernel runs bfloat16, float16 and float32 (as tf32) only (tensor cores), got ") +
+             c10::toString(dtype);
+  return p;
+}
+
+// Plans are computed once per key: a long sequence's chunks each launch and ask again.
 const ClusterPlan& cached_plan(int64_t H, int64_t B, c10::ScalarType dtype, int device, bool backward) {
   // Keyed by the device limits too, which the CPU harness's tests change.
   using Key = std::tuple<int, int64_t, int64_t, c10::ScalarType, size_t, int, bool>;
@@ -620,7 +631,7 @@ const ClusterPlan& cached_plan(int64_t H, int64_t B, c10::ScalarType dtype, int 
     const std::lock_guard<std::mutex> lock(mutex);
     if (auto it = plans.find(key); it != plans.end()) return it->second;
   }
-  ClusterPlan p = cluster_plan(H, B, dtype, device, backward);
+  ClusterPlan p = computed_plan(H, B, dtype, device, backward);
   const std::lock_guard<std::mutex> lock(mutex);
   return plans.emplace(key, std::move(p)).first->second;
 }
@@ -642,13 +653,7 @@ void launch(const ChunkRecurrenceArgs<scalar_t, acc_t>& a, bool backward) {
 }  // namespace
 
 ClusterPlan cluster_plan(int64_t H, int64_t B, c10::ScalarType dtype, int device, bool backward) {
-  if (dtype == c10::kBFloat16) return plan_for<c10::BFloat16>(H, B, device, backward);
-  if (dtype == c10::kHalf) return plan_for<c10::Half>(H, B, device, backward);
-  if (dtype == c10::kFloat) return plan_for<float>(H, B, device, backward);
-  ClusterPlan p;
-  p.reason = std::string("the cluster kernel runs bfloat16, float16 and float32 (as tf32) only (tensor cores), got ") +
-             c10::toString(dtype);
-  return p;
+  return cached_plan(H, B, dtype, device, backward);
 }
 
 template <class scalar_t, class acc_t>

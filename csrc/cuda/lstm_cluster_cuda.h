@@ -25,7 +25,8 @@ struct ClusterPlan {
 };
 
 // bfloat16 / float16 only, no projection (the caller checks proj_size). The backward kernel's
-// plan differs (it receives all 4H gate gradients of a step, not the H hidden values).
+// plan differs (it receives all 4H gate gradients of a step, not the H hidden values). Computed
+// once per device, its limits, shape, dtype and direction.
 ClusterPlan cluster_plan(int64_t H, int64_t B, c10::ScalarType dtype, int device, bool backward = false);
 
 // Half types only: the forward and the backward of a chunk, same semantics and saved tensors as

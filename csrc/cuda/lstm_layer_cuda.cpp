@@ -95,7 +95,6 @@ template <class S>
 constexpr bool kClusterType = std::is_same_v<S, c10::Half> || std::is_same_v<S, c10::BFloat16> ||
                               std::is_same_v<S, float>;
 
-
 // Whether the cluster backward runs a layer (else the persistent backward does, on the same
 // saved tensors).
 bool cluster_backward_runs(int64_t H, int64_t B, c10::ScalarType dtype) {

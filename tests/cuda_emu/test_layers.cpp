@@ -658,6 +658,7 @@ TEST(results_are_bitwise_reproducible) {
       c.tf32 = backend == "cluster" && dtype == at::kFloat;  // float64: the persistent kernel
       c.H = 19;
       c.packed = true;
+      c.reset = true;
       c.norms = true;
       c.tbptt = 3;
       c.clip = 0.5;
