@@ -130,22 +130,43 @@ __device__ __forceinline__ void store4(E* dst, const E (&v)[4]) {
   }
 }
 
+// What a block of a cluster owns, units [u0, u0 + units) of every gate and batch rows
+// [b0, b0 + rows), and this thread's fixed cell elements in it: element k is (row n[k], unit
+// j[k]), consecutive threads on consecutive units (coalesced stores), mine[k] where it exists.
+struct BlockElements {
+  int u0, units, b0, rows;
+  int n[kElems], j[kElems];
+  bool mine[kElems];
+  __device__ BlockElements(int C, int rank, int H, int B, int hb, int Np)
+      : u0(rank * hb), units(std::max(0, std::min(hb, H - rank * hb))),
+        b0(static_cast<int>(blockIdx.x) / C * Np), rows(std::max(0, std::min(Np, B - b0))) {
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) {
+      const int e = static_cast<int>(threadIdx.x) + k * kThreads, row = e / hb, u = e - row * hb;
+      n[k] = row;
+      j[k] = u0 + u;
+      mine[k] = row < rows && u < units;
+    }
+  }
+  // Element k's offset in a (B, H) tensor.
+  __device__ int64_t offset(int k, int64_t H) const { return static_cast<int64_t>(b0 + n[k]) * H + j[k]; }
+};
+
 // Gx + bias of local step i for this thread's elements.
 template <class scalar_t, class acc_t>
-__device__ __forceinline__ void load_inputs(const ChunkRecurrenceArgs<scalar_t, acc_t>& a, int64_t i, const int (&n)[kElems],
-                                            const int (&j)[kElems], const bool (&mine)[kElems], int b0,
-                                            acc_t (&gx)[kElems][4]) {
+__device__ __forceinline__ void load_inputs(const ChunkRecurrenceArgs<scalar_t, acc_t>& a, int64_t i,
+                                            const BlockElements& el, acc_t (&gx)[kElems][4]) {
   const int64_t s = a.s0 + i, t = a.reverse ? a.T - 1 - s : s;
   const int64_t H = a.H;
   const acc_t* g = a.gates + (t - a.tlo) * 4 * a.B * H;
 #pragma unroll
   for (int k = 0; k < kElems; ++k) {
-    if (!mine[k]) continue;
-    const acc_t* row = g + static_cast<int64_t>(b0 + n[k]) * 4 * H;
+    if (!el.mine[k]) continue;
+    const acc_t* row = g + static_cast<int64_t>(el.b0 + el.n[k]) * 4 * H;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      gx[k][q] = row[q * H + j[k]];
-      if (a.bias) gx[k][q] += static_cast<acc_t>(a.bias[q * H + j[k]]);
+      gx[k][q] = row[q * H + el.j[k]];
+      if (a.bias) gx[k][q] += static_cast<acc_t>(a.bias[q * H + el.j[k]]);
     }
   }
 }
@@ -166,9 +187,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   E* w = reinterpret_cast<E*>(smem);                 // A rows q * hb + u = W_hh[q * H + u0 + u, :], packed
   E* hbuf = reinterpret_cast<E*>(smem + L.h_off);    // [parity][row][k]: the slice's h_{t-1}
   float* pre = reinterpret_cast<float*>(smem + L.pre_off);         // [row][q * hb + u]: h_{t-1} W_hh^T
-  const int C = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
-  const int u0 = rank * hb, units = std::max(0, std::min(hb, H - u0));
-  const int b0 = static_cast<int>(blockIdx.x) / C * Np, rows = std::max(0, std::min(Np, B - b0));
+  const int C = static_cast<int>(cluster.num_blocks());
+  const BlockElements el(C, static_cast<int>(cluster.block_rank()), H, B, hb, Np);
+  const int u0 = el.u0, units = el.units, b0 = el.b0, rows = el.rows;
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
 
   // Zero W and both h buffers: padded rows and columns enter the products as zeros.
@@ -182,22 +203,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int n = i / H, k = i - n * H;
     hbuf[n * L.ldh + k] = encode(a.r_init[static_cast<int64_t>(b0 + n) * H + k]);
   }
-  // This thread's cell elements: consecutive threads take consecutive units (coalesced stores).
-  // c and the carried h stay in registers (h exact: the shared copy may be rounded to tf32).
-  int en[kElems], ej[kElems];
-  bool mine[kElems];
+  // c and the carried h of this thread's cell elements stay in registers (h exact: the shared
+  // copy may be rounded to tf32).
   acc_t c_reg[kElems], gx[kElems][4];
   scalar_t h_reg[kElems];
 #pragma unroll
   for (int k = 0; k < kElems; ++k) {
-    const int e = tid + k * kThreads, n = e / hb, u = e - n * hb;
-    en[k] = n;
-    ej[k] = u0 + u;
-    mine[k] = n < rows && u < units;
-    c_reg[k] = mine[k] ? a.c_init[static_cast<int64_t>(b0 + n) * H + u0 + u] : acc_t(0);
-    h_reg[k] = mine[k] ? a.r_init[static_cast<int64_t>(b0 + n) * H + u0 + u] : scalar_t(0);
+    c_reg[k] = el.mine[k] ? a.c_init[el.offset(k, H)] : acc_t(0);
+    h_reg[k] = el.mine[k] ? a.r_init[el.offset(k, H)] : scalar_t(0);
   }
-  load_inputs(a, 0, en, ej, mine, b0, gx);
+  load_inputs(a, 0, el, gx);
   // Every block's buffers are zeroed before any peer writes into them.
   cluster.sync();
 
@@ -241,8 +256,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     acc_t* c_out = a.c + slot * BH;
 #pragma unroll
     for (int k = 0; k < kElems; ++k) {
-      if (!mine[k]) continue;
-      const int n = en[k], j = ej[k], u = j - u0, b = b0 + n;
+      if (!el.mine[k]) continue;
+      const int n = el.n[k], j = el.j[k], u = j - u0, b = b0 + n;
       const int64_t e = static_cast<int64_t>(b) * H + j;
       acc_t* g = gates + static_cast<int64_t>(b) * 4 * H;
       if (!row_live(a.lengths, b, t)) {
@@ -276,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // 4. The step's only barrier; the next step's inputs load while the other blocks arrive.
     cluster.barrier_arrive();
-    if (i + 1 < a.n) load_inputs(a, i + 1, en, ej, mine, b0, gx);
+    if (i + 1 < a.n) load_inputs(a, i + 1, el, gx);
     cluster.barrier_wait();
   }
 #endif
@@ -291,17 +306,15 @@ struct CellGradInputs {
 
 template <class scalar_t, class acc_t>
 __device__ __forceinline__ void load_grad_inputs(const ChunkRecurrenceArgs<scalar_t, acc_t>& a, int64_t i,
-                                                 const int (&n)[kElems], const int (&j)[kElems],
-                                                 const bool (&mine)[kElems], int b0,
-                                                 CellGradInputs<acc_t> (&in)[kElems]) {
+                                                 const BlockElements& el, CellGradInputs<acc_t> (&in)[kElems]) {
   const int64_t s = a.s0 + i, t = a.reverse ? a.T - 1 - s : s, slot = t - a.tlo;
   const int64_t H = a.H, BH = a.B * H;
   const acc_t* c_prev = i == 0 ? a.c_init : a.c + ((a.reverse ? a.T - s : s - 1) - a.tlo) * BH;
 #pragma unroll
   for (int k = 0; k < kElems; ++k) {
-    if (!mine[k]) continue;
-    const int64_t b = b0 + n[k], e = b * H + j[k];
-    const acc_t* g = a.gates + slot * 4 * BH + b * 4 * H + j[k];
+    if (!el.mine[k]) continue;
+    const int64_t e = el.offset(k, H);
+    const acc_t* g = a.gates + slot * 4 * BH + static_cast<int64_t>(el.b0 + el.n[k]) * 4 * H + el.j[k];
 #pragma unroll
     for (int q = 0; q < 4; ++q) in[k].g[q] = g[q * H];
     in[k].c = a.c[slot * BH + e];
@@ -336,9 +349,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   E* dgbuf = reinterpret_cast<E*>(smem + L.g_off);                  // [parity][row][4 j + q]: the slice's dG_t
   float* part = reinterpret_cast<float*>(smem + L.part_off);        // [k range][row][u]: dG_t W_hh[:, own]
   float* norm_warps = reinterpret_cast<float*>(smem + L.norm_off);  // [parity][warp][h, c]
-  const int C = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
-  const int u0 = rank * hb, units = std::max(0, std::min(hb, H - u0));
-  const int b0 = static_cast<int>(blockIdx.x) / C * Np, rows = std::max(0, std::min(Np, B - b0));
+  const int C = static_cast<int>(cluster.num_blocks());
+  const BlockElements el(C, static_cast<int>(cluster.block_rank()), H, B, hb, Np);
+  const int u0 = el.u0, units = el.units, b0 = el.b0;
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
 
   // Zero W and both dG buffers: padded units, rows and gate columns enter the products as zeros.
@@ -349,21 +362,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int m = i / units, u = i - m * units, q = m / H, j = m - q * H;
     w[packed_a_offset<TC>(u, 4 * j + q, L.Kp / TC::kK)] = encode(a.w_hh[static_cast<int64_t>(m) * H + u0 + u]);
   }
-  int en[kElems], ej[kElems];
-  bool mine[kElems];
   acc_t carry_h[kElems], carry_c[kElems];
   CellGradInputs<acc_t> in[kElems];
 #pragma unroll
   for (int k = 0; k < kElems; ++k) {
-    const int e = tid + k * kThreads, n = e / hb, u = e - n * hb;
-    en[k] = n;
-    ej[k] = u0 + u;
-    mine[k] = n < rows && u < units;
-    const int64_t g = static_cast<int64_t>(b0 + n) * H + u0 + u;
-    carry_h[k] = mine[k] ? a.carry_h[g] : acc_t(0);
-    carry_c[k] = mine[k] ? a.carry_c[g] : acc_t(0);
+    carry_h[k] = el.mine[k] ? a.carry_h[el.offset(k, H)] : acc_t(0);
+    carry_c[k] = el.mine[k] ? a.carry_c[el.offset(k, H)] : acc_t(0);
   }
-  load_grad_inputs(a, a.n - 1, en, ej, mine, b0, in);
+  load_grad_inputs(a, a.n - 1, el, in);
   // Every block's buffers are zeroed before any peer writes into them.
   cluster.sync();
 
@@ -384,8 +390,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     scalar_t* dgates = a.dgates + slot * 4 * BH;
 #pragma unroll
     for (int k = 0; k < kElems; ++k) {
-      if (!mine[k]) continue;
-      const int n = en[k], j = ej[k], b = b0 + n;
+      if (!el.mine[k]) continue;
+      const int n = el.n[k], j = el.j[k], b = b0 + n;
       scalar_t* dg = dgates + static_cast<int64_t>(b) * G + j;
       const int64_t n_b = row_length(a.lengths, b, a.T);
       E sent[4] = {0, 0, 0, 0};  // dG_t of gates i, f, g, o
@@ -427,7 +433,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // 2. The step's only barrier; the next step's inputs load while the other blocks arrive.
     cluster.barrier_arrive();
-    if (i > 0) load_grad_inputs(a, i - 1, en, ej, mine, b0, in);
+    if (i > 0) load_grad_inputs(a, i - 1, el, in);
     cluster.barrier_wait();
     if (a.norm_partial && tid == 0) {
       // One (h, c) pair per block and step, summed over its warps in a fixed order.
@@ -466,8 +472,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // part is rewritten after the next step's barrier, which every thread reaches after this read.
 #pragma unroll
     for (int k = 0; k < kElems; ++k) {
-      if (!mine[k]) continue;
-      const int at = en[k] * L.ldp + (ej[k] - u0);
+      if (!el.mine[k]) continue;
+      const int at = el.n[k] * L.ldp + (el.j[k] - u0);
       acc_t sum = 0;
       for (int ks = 0; ks < L.ksplit; ++ks) sum += part[ks * Np * L.ldp + at];
       carry_h[k] += sum;
@@ -475,8 +481,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 #pragma unroll
   for (int k = 0; k < kElems; ++k) {
-    if (!mine[k]) continue;
-    const int64_t e = static_cast<int64_t>(b0 + en[k]) * H + ej[k];
+    if (!el.mine[k]) continue;
+    const int64_t e = el.offset(k, H);
     a.carry_h[e] = carry_h[k];
     a.carry_c[e] = carry_c[k];
   }

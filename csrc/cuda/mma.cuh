@@ -76,6 +76,28 @@ inline float element(uint32_t reg, int half) {
   }
 }
 
+// d = a b + c as the warp collective the instruction is, for K = 8 E (E elements per register:
+// 2 for bf16/fp16, 1 for tf32). Element k of A's row `row` lives in lane row % 8 * 4 + k % 4E / E,
+// register (row >= 8) + 2 (k >= 4E), part k % E; element k of B's column n in lane n * 4 + k % 4E / E,
+// register (k >= 4E), part k % E. value(reg, part) decodes one element to float.
+template <int E, class Value>
+inline void warp_product(FragmentC& d, const FragmentA& a, const FragmentB& b, const FragmentC& c, Value value) {
+  const int lane = static_cast<int>(threadIdx.x % 32), g = lane / 4, q = lane % 4;
+  float acc[4] = {c.reg[0], c.reg[1], c.reg[2], c.reg[3]};
+  for (int k = 0; k < 8 * E; ++k) {
+    const int src = k % (4 * E) / E, hi = k >= 4 * E, part = k % E;
+    const float a_top = value(__shfl_sync(0xffffffffu, a.reg[2 * hi], g * 4 + src), part);
+    const float a_bottom = value(__shfl_sync(0xffffffffu, a.reg[2 * hi + 1], g * 4 + src), part);
+    const float b_left = value(__shfl_sync(0xffffffffu, b.reg[hi], 2 * q * 4 + src), part);
+    const float b_right = value(__shfl_sync(0xffffffffu, b.reg[hi], (2 * q + 1) * 4 + src), part);
+    acc[0] += a_top * b_left;
+    acc[1] += a_top * b_right;
+    acc[2] += a_bottom * b_left;
+    acc[3] += a_bottom * b_right;
+  }
+  for (int i = 0; i < 4; ++i) d.reg[i] = acc[i];
+}
+
 }  // namespace mma_detail
 #endif
 
@@ -83,22 +105,7 @@ inline float element(uint32_t reg, int half) {
 template <MmaInput In>
 __device__ __forceinline__ void mma_m16n8k16(FragmentC& d, const FragmentA& a, const FragmentB& b, const FragmentC& c) {
 #ifdef FASTLSTM_CUDA_EMU
-  const int lane = static_cast<int>(threadIdx.x % 32), g = lane / 4, q = lane % 4;
-  float acc[4] = {c.reg[0], c.reg[1], c.reg[2], c.reg[3]};
-  for (int k = 0; k < 16; ++k) {
-    // A[row][k] lives in lane row % 8 * 4 + k % 8 / 2, register (row >= 8) + 2 (k >= 8), half k % 2;
-    // B[k][n] in lane n * 4 + k % 8 / 2, register (k >= 8), half k % 2.
-    const int src = k % 8 / 2, hi = k >= 8, half = k % 2;
-    const float a_top = mma_detail::element<In>(__shfl_sync(0xffffffffu, a.reg[2 * hi], g * 4 + src), half);
-    const float a_bottom = mma_detail::element<In>(__shfl_sync(0xffffffffu, a.reg[2 * hi + 1], g * 4 + src), half);
-    const float b_left = mma_detail::element<In>(__shfl_sync(0xffffffffu, b.reg[hi], 2 * q * 4 + src), half);
-    const float b_right = mma_detail::element<In>(__shfl_sync(0xffffffffu, b.reg[hi], (2 * q + 1) * 4 + src), half);
-    acc[0] += a_top * b_left;
-    acc[1] += a_top * b_right;
-    acc[2] += a_bottom * b_left;
-    acc[3] += a_bottom * b_right;
-  }
-  for (int i = 0; i < 4; ++i) d.reg[i] = acc[i];
+  mma_detail::warp_product<2>(d, a, b, c, [](uint32_t reg, int half) { return mma_detail::element<In>(reg, half); });
 #else
   if constexpr (In == MmaInput::BF16) {
     asm volatile(
@@ -151,27 +158,11 @@ __device__ __forceinline__ uint32_t to_tf32(float v) {
 __device__ __forceinline__ void mma_m16n8k8_tf32(FragmentC& d, const FragmentA& a, const FragmentB& b,
                                                  const FragmentC& c) {
 #ifdef FASTLSTM_CUDA_EMU
-  const int lane = static_cast<int>(threadIdx.x % 32), g = lane / 4, q = lane % 4;
-  float acc[4] = {c.reg[0], c.reg[1], c.reg[2], c.reg[3]};
-  auto value = [](uint32_t bits) {
+  mma_detail::warp_product<1>(d, a, b, c, [](uint32_t bits, int) {
     float f;
     std::memcpy(&f, &bits, sizeof f);
     return f;
-  };
-  for (int k = 0; k < 8; ++k) {
-    // A[row][k] lives in lane row % 8 * 4 + k % 4, register (row >= 8) + 2 (k >= 4);
-    // B[k][n] in lane n * 4 + k % 4, register (k >= 4).
-    const int src = k % 4, hi = k >= 4;
-    const float a_top = value(__shfl_sync(0xffffffffu, a.reg[2 * hi], g * 4 + src));
-    const float a_bottom = value(__shfl_sync(0xffffffffu, a.reg[2 * hi + 1], g * 4 + src));
-    const float b_left = value(__shfl_sync(0xffffffffu, b.reg[hi], 2 * q * 4 + src));
-    const float b_right = value(__shfl_sync(0xffffffffu, b.reg[hi], (2 * q + 1) * 4 + src));
-    acc[0] += a_top * b_left;
-    acc[1] += a_top * b_right;
-    acc[2] += a_bottom * b_left;
-    acc[3] += a_bottom * b_right;
-  }
-  for (int i = 0; i < 4; ++i) d.reg[i] = acc[i];
+  });
 #else
   asm volatile(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
