@@ -251,8 +251,8 @@ class LSTM(nn.Module):
             raise RuntimeError(f"Expected hidden[1] size {expected_c}, got {list(hx[1].size())}")
 
     def forward(self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None, *,
-                reset: Tensor | PackedSequence | None = None, backend: str = _KEEP, tbptt_chunk: int | None = _KEEP, grad_clip: float | None = _KEEP,
-                grad_clip_mode: str = _KEEP, record_grad_norms: bool = _KEEP,
+                reset: Tensor | PackedSequence | None = None, backend: str = _KEEP,
+                tbptt_chunk: int | None = _KEEP, grad_clip: float | None = _KEEP, grad_clip_mode: str = _KEEP, record_grad_norms: bool = _KEEP,
                 checkpoint_every: int | None = _KEEP) -> tuple[Any, tuple[Tensor, Tensor]]:
         overrides = {k: v for k, v in (("backend", backend), ("tbptt_chunk", tbptt_chunk),
                                        ("grad_clip", grad_clip), ("grad_clip_mode", grad_clip_mode),
