@@ -5,12 +5,15 @@
 // (a multiple of 8, the N of the tensor-core product), one slice per thread-block cluster; the
 // clusters never wait for each other (no grid barrier, an ordinary cluster launch). Inside a
 // cluster of C blocks, block `rank` owns hidden units [rank * hb, (rank + 1) * hb) with all four
-// gates of each, and keeps those 4 * hb rows of W_hh in shared memory for the whole chunk (this
-// first version keeps W_hh in shared memory, not in registers; as packed A tiles, one 16-byte
-// load per lane and fragment). Per step:
+// gates of each, and keeps those 4 * hb rows of W_hh on chip for the whole chunk: as tensor-core
+// A fragments, each 16 x K tile owned by one warp (TileSplit), the first R of a warp's tiles in
+// its registers and the rest in shared memory (packed: one 16-byte load per lane and fragment).
+// The kernels are compiled for a few R; the plan takes the fewest registers that hold every tile,
+// else the most that compile without spills. Per step:
 //   1. tensor cores: pre[n][q * hb + u] = h_{t-1}[n, :] . W_hh[q * H + u0 + u, :] with
 //      mma.m16n8k16 (A = W_hh rows, M = 4 gates x hb units; B = h_{t-1}, N = the slice's rows;
-//      K = H, zero-padded to a multiple of 16), fp32 accumulators staged in shared memory;
+//      K = H, zero-padded to a multiple of 16, cut into ranges), fp32 partial sums staged in
+//      shared memory;
 //   2. the cell in fp32 registers on this thread's fixed (unit, row) elements: Gx + bias (loaded
 //      during the previous step's barrier) + pre, c carried in registers from step to step;
 //      gates, c, y (and r) written exactly as the persistent kernel writes them;
@@ -29,12 +32,16 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <iterator>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <set>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "../fastlstm/cell_math.h"
 #include "block_reduce.cuh"
@@ -48,9 +55,6 @@ namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// (unit, row) cell elements per thread: fixed for the launch, so c and the next step's inputs
-// live in registers. The plan keeps hb * rows_per_cluster <= kElems * kThreads.
-constexpr int kElems = 4;
 // 16 bytes of padding per shared B-operand row (8 16-bit or 4 tf32 elements): the 8 rows of a
 // fragment load land in distinct banks. (A operands are packed tiles, conflict-free as they are.)
 __host__ __device__ constexpr int pad_elems(int elem_bytes) { return 16 / elem_bytes; }
@@ -58,36 +62,93 @@ __host__ __device__ constexpr int pad_elems(int elem_bytes) { return 16 / elem_b
 __host__ __device__ constexpr int round_up(int n, int m) { return (n + m - 1) / m * m; }
 __host__ __device__ constexpr size_t align16(size_t n) { return (n + 15) / 16 * 16; }
 
-// One forward block's shared memory, from the plan's numbers (the host sizes it, the kernel carves it).
-struct ForwardLayout {
-  int Kp, Mp, ldh, ldp;
-  size_t h_off, pre_off, bytes;
-  __host__ __device__ ForwardLayout(int H, int hb, int Np, int eb)  // eb: bytes per tensor-core element
-      : Kp(round_up(H, 16)), Mp(round_up(4 * hb, 16)), ldh(Kp + pad_elems(eb)), ldp(Mp + 4) {
-    h_off = align16(size_t(eb) * Mp * Kp);                       // W slice (Mp, Kp), packed tiles
-    pre_off = h_off + align16(size_t(eb) * 2 * Np * ldh);        // h (2, Np, ldh)
-    bytes = pre_off + align16(sizeof(float) * Np * ldp);               // products (Np, ldp)
+// The kernel variants: R, the W tiles a warp holds in registers, and Cells, the (unit, row) cell
+// elements a thread owns (fixed for the launch, so c and the next step's inputs live in registers;
+// the plan keeps hb * rows_per_cluster <= Cells * kThreads). Registers are shared between the two:
+// ptxas keeps these pairs within 255 registers without spills at sm_90. The plan takes the fewest
+// registers that hold every tile of a warp, else the most; see TileSplit.
+struct Variant {
+  int register_tiles, cells;
+};
+constexpr Variant kVariants[] = {{0, 4}, {16, 4}, {32, 2}, {40, 1}};
+
+// How a block's W operand, mtiles bands of 16 rows by ktiles k tiles, is split over its warps so
+// that each tile has one owner for the whole launch: every band's K is cut into ksplit ranges and
+// the (band, range) items are dealt round-robin, item id = band + mtiles * range to warp
+// id % kWarps. A warp walks its items in order and does all of their tiles for every batch tile
+// (its A tiles never move); the partial sums of the ksplit ranges are added in a fixed order by
+// the cell (deterministic). Its first R tiles on the walk live in registers, the others in its
+// region of shared memory, in walk order. ksplit is the smallest that deals the fewest tiles to
+// the busiest warp.
+struct TileSplit {
+  int mtiles, ktiles, ksplit;
+  __host__ __device__ TileSplit(int mtiles_, int ktiles_) : mtiles(mtiles_), ktiles(ktiles_), ksplit(1) {
+    int best = most_tiles();
+    for (int s = 2; s <= kWarps && s <= ktiles; ++s) {
+      const int keep = ksplit;
+      ksplit = s;
+      const int m = most_tiles();
+      if (m < best) {
+        best = m;
+      } else {
+        ksplit = keep;
+      }
+    }
+  }
+  __host__ __device__ int k_begin(int range) const { return range * ktiles / ksplit; }
+  __host__ __device__ int tiles_of(int warp) const {
+    int n = 0;
+    for (int id = warp; id < mtiles * ksplit; id += kWarps) n += k_begin(id / mtiles + 1) - k_begin(id / mtiles);
+    return n;
+  }
+  __host__ __device__ int most_tiles() const {
+    int m = 0;
+    for (int w = 0; w < kWarps; ++w) m = tiles_of(w) > m ? tiles_of(w) : m;
+    return m;
+  }
+  // Tiles per warp in shared memory when R are in registers.
+  __host__ __device__ int shared_tiles(int R) const { return most_tiles() > R ? most_tiles() - R : 0; }
+};
+
+// A warp's walk over its tiles: band mt, k range ks, k tile kt of it.
+struct TileCursor {
+  int id, mt, ks, kt, kend;
+  __device__ TileCursor(const TileSplit& s, int warp) : id(warp) { enter(s); }
+  __device__ void enter(const TileSplit& s) {
+    mt = id % s.mtiles;
+    ks = id / s.mtiles;
+    kt = s.k_begin(ks);
+    kend = s.k_begin(ks + 1);
+  }
+  // To the next tile; true where that ends an item (its partial sum is complete).
+  __device__ bool next(const TileSplit& s) {
+    if (++kt < kend) return false;
+    id += kWarps;
+    if (id < s.mtiles * s.ksplit) enter(s);
+    return true;
   }
 };
 
-// One backward block's shared memory. The block owns units [u0, u0 + hb) and computes their
-// carry dL/dh_{t-1} = dG_t W_hh[:, own units]: M = the units (padded to 16), N = the slice's rows,
-// K = all 4H gate columns (padded to 16), so it keeps W_hh's columns of its units and receives
-// every block's dG_t. K is ordered unit-major, k = 4 j + q for gate q of unit j (a sum's order
-// is free): a thread's four gate gradients are then adjacent, one 8-byte DSMEM store per peer.
-// The K loop is split over ksplit warps when the M x N tiles are fewer than the warps; their
-// partial sums are added in a fixed order (deterministic).
-struct BackwardLayout {
-  int Mp, Kp, ldg, ldp, ksplit;
-  size_t g_off, part_off, norm_off, bytes;
-  __host__ __device__ BackwardLayout(int H, int hb, int Np, int eb)
-      : Mp(round_up(hb, 16)), Kp(round_up(4 * H, 16)), ldg(Kp + pad_elems(eb)), ldp(Mp + 4) {
-    const int tiles = Mp / 16 * (Np / 8), ktiles = Kp / 16;
-    ksplit = kWarps / tiles < 1 ? 1 : (kWarps / tiles < ktiles ? kWarps / tiles : ktiles);
-    g_off = align16(size_t(eb) * Mp * Kp);                            // W^T slice (Mp, Kp), packed tiles
-    part_off = g_off + align16(size_t(eb) * 2 * Np * ldg);            // dG (2, Np, ldg)
-    norm_off = part_off + align16(sizeof(float) * ksplit * Np * ldp);       // products (ksplit, Np, ldp)
-    bytes = norm_off + align16(sizeof(float) * 2 * kWarps * 2);             // norm partials (2, warps, 2)
+// One block's shared memory, from the plan's numbers (the host sizes it, the kernel carves it):
+// the warps' W tiles beyond their R register tiles, the B operand of two steps (h_{t-1} in the
+// forward, dG_t in the backward; by step parity), the products' partial sums, and in the backward
+// the norm partials.
+//   forward:  A = W_hh's rows of the block's units (M = 4 gates x hb, padded to 16), K = H;
+//   backward: A = W_hh's columns of the block's units (M = hb, padded to 16), K = all 4H gate
+//             columns, ordered unit-major, k = 4 j + q for gate q of unit j (a sum's order is
+//             free): a thread's four gate gradients are then adjacent, one 8-byte DSMEM store per peer.
+struct BlockLayout {
+  int Mp, Kp, ldb, ldp;
+  TileSplit split;
+  size_t b_off, part_off, norm_off, bytes;
+  __host__ __device__ BlockLayout(bool backward, int H, int hb, int Np, int eb, int R)  // eb: bytes per element
+      : Mp(round_up(backward ? hb : 4 * hb, 16)), Kp(round_up(backward ? 4 * H : H, 16)), ldb(Kp + pad_elems(eb)),
+        ldp(Mp + 4), split(Mp / 16, Kp / (32 / eb)) {
+    const size_t tile_bytes = size_t(eb) * 16 * (32 / eb);
+    b_off = align16(tile_bytes * kWarps * split.shared_tiles(R));
+    part_off = b_off + align16(size_t(eb) * 2 * Np * ldb);
+    norm_off = part_off + align16(sizeof(float) * split.ksplit * Np * ldp);
+    bytes = norm_off + (backward ? align16(sizeof(float) * 2 * kWarps * 2) : 0);  // (parity, warp, h and c)
   }
 };
 
@@ -111,11 +172,72 @@ __device__ __forceinline__ Elem<S> encode(S v) {
   }
 }
 
-// Where element (row, col) of a tensor-core A operand of `ktiles` k tiles per 16-row band goes:
-// tile (row / 16, col / kK), packed (mma.cuh).
-template <class TC>
-__device__ __forceinline__ int packed_a_offset(int row, int col, int ktiles) {
-  return ((row / 16) * ktiles + col / TC::kK) * TC::kTileElems + TC::packed_a_index(row % 16, col % TC::kK);
+// The warp's W tiles, gathered once from global memory: its first R in registers, the rest into
+// its shared-memory region (one 16-byte fragment per lane). elem(row, col): the A operand's
+// element as TC::Elem, zero where padded.
+template <class TC, int R, class F>
+__device__ __forceinline__ void gather_tiles(const TileSplit& s, FragmentA (&regs)[R > 0 ? R : 1],
+                                             FragmentA* shared, int count, F elem) {
+  TileCursor cur(s, static_cast<int>(threadIdx.x) / 32);
+  auto tile = [&] {
+    const int r0 = cur.mt * 16, c0 = cur.kt * TC::kK;
+    return TC::gather_a([&](int i, int c) { return elem(r0 + i, c0 + c); });
+  };
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    regs[r] = FragmentA{};
+    if (r < count) {
+      regs[r] = tile();
+      cur.next(s);
+    }
+  }
+  for (int p = R; p < count; ++p) {
+    shared[(p - R) * 32 + threadIdx.x % 32] = tile();
+    cur.next(s);
+  }
+}
+
+// This warp's products A B for every batch tile: A its tiles (registers, then shared memory), B
+// the (Np x Kp) operand rows in shared memory. The partial sum of item (mt, ks) and batch tile nt
+// goes to part[ks][n][m], transposed (row-major in the batch row: the cell reads consecutive m).
+// Two accumulators (alternate tiles) halve the chain of dependent mma instructions.
+template <class TC, int R>
+__device__ __forceinline__ void warp_products(const TileSplit& s, const FragmentA (&regs)[R > 0 ? R : 1],
+                                              const FragmentA* shared, int count, const typename TC::Elem* b,
+                                              int ldb, int ntiles, float* part, int Np, int ldp) {
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  for (int nt = 0; nt < ntiles; ++nt) {
+    const typename TC::Elem* b_tile = b + nt * 8 * ldb;
+    TileCursor cur(s, warp);
+    FragmentC even = {}, odd = {};
+    auto advance = [&] {
+      const int mt = cur.mt, ks = cur.ks;
+      if (!cur.next(s)) return;
+      float* p = part + ks * Np * ldp;
+      const int m = mt * 16 + lane / 4, n = nt * 8 + 2 * (lane % 4);
+      p[n * ldp + m] = even.reg[0] + odd.reg[0];
+      p[(n + 1) * ldp + m] = even.reg[1] + odd.reg[1];
+      p[n * ldp + m + 8] = even.reg[2] + odd.reg[2];
+      p[(n + 1) * ldp + m + 8] = even.reg[3] + odd.reg[3];
+      even = {};
+      odd = {};
+    };
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r < count) {  // warp-uniform: the warp stays converged for the mma
+        TC::multiply_add(r % 2 ? odd : even, regs[r], b_tile + cur.kt * TC::kK, ldb);
+        advance();
+      }
+    }
+    for (int p = R; p < count; p += 2) {
+      TC::multiply_add(even, load_packed_a(shared + (p - R) * 32), b_tile + cur.kt * TC::kK, ldb);
+      advance();
+      if (p + 1 < count) {
+        TC::multiply_add(odd, load_packed_a(shared + (p + 1 - R) * 32), b_tile + cur.kt * TC::kK, ldb);
+        advance();
+      }
+    }
+  }
 }
 
 // Four elements (a unit's gates, adjacent in the layout) in 8-byte stores (dst 8-byte aligned).
@@ -133,15 +255,16 @@ __device__ __forceinline__ void store4(E* dst, const E (&v)[4]) {
 // What a block of a cluster owns, units [u0, u0 + units) of every gate and batch rows
 // [b0, b0 + rows), and this thread's fixed cell elements in it: element k is (row n[k], unit
 // j[k]), consecutive threads on consecutive units (coalesced stores), mine[k] where it exists.
+template <int Cells>
 struct BlockElements {
   int u0, units, b0, rows;
-  int n[kElems], j[kElems];
-  bool mine[kElems];
+  int n[Cells], j[Cells];
+  bool mine[Cells];
   __device__ BlockElements(int C, int rank, int H, int B, int hb, int Np)
       : u0(rank * hb), units(std::max(0, std::min(hb, H - rank * hb))),
         b0(static_cast<int>(blockIdx.x) / C * Np), rows(std::max(0, std::min(Np, B - b0))) {
 #pragma unroll
-    for (int k = 0; k < kElems; ++k) {
+    for (int k = 0; k < Cells; ++k) {
       const int e = static_cast<int>(threadIdx.x) + k * kThreads, row = e / hb, u = e - row * hb;
       n[k] = row;
       j[k] = u0 + u;
@@ -153,14 +276,14 @@ struct BlockElements {
 };
 
 // Gx + bias of local step i for this thread's elements.
-template <class scalar_t, class acc_t>
+template <class scalar_t, class acc_t, int Cells>
 __device__ __forceinline__ void load_inputs(const ChunkRecurrenceArgs<scalar_t, acc_t>& a, int64_t i,
-                                            const BlockElements& el, acc_t (&gx)[kElems][4]) {
+                                            const BlockElements<Cells>& el, acc_t (&gx)[Cells][4]) {
   const int64_t s = a.s0 + i, t = a.reverse ? a.T - 1 - s : s;
   const int64_t H = a.H;
   const acc_t* g = a.gates + (t - a.tlo) * 4 * a.B * H;
 #pragma unroll
-  for (int k = 0; k < kElems; ++k) {
+  for (int k = 0; k < Cells; ++k) {
     if (!el.mine[k]) continue;
     const acc_t* row = g + static_cast<int64_t>(el.b0 + el.n[k]) * 4 * H;
 #pragma unroll
@@ -171,7 +294,7 @@ __device__ __forceinline__ void load_inputs(const ChunkRecurrenceArgs<scalar_t, 
   }
 }
 
-template <class scalar_t, class acc_t>
+template <class scalar_t, class acc_t, int R, int Cells>
 __global__ void __launch_bounds__(kThreads, 1)
     cluster_forward_kernel(const ChunkRecurrenceArgs<scalar_t, acc_t> a, const int hb, const int Np) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -183,32 +306,37 @@ __global__ void __launch_bounds__(kThreads, 1)
   cg::cluster_group cluster = cg::this_cluster();
   // Sizes fit in 32 bits (checked at launch).
   const int H = static_cast<int>(a.H), B = static_cast<int>(a.B);
-  const ForwardLayout L(H, hb, Np, sizeof(E));
-  E* w = reinterpret_cast<E*>(smem);                 // A rows q * hb + u = W_hh[q * H + u0 + u, :], packed
-  E* hbuf = reinterpret_cast<E*>(smem + L.h_off);    // [parity][row][k]: the slice's h_{t-1}
-  float* pre = reinterpret_cast<float*>(smem + L.pre_off);         // [row][q * hb + u]: h_{t-1} W_hh^T
+  const BlockLayout L(false, H, hb, Np, sizeof(E), R);
+  E* hbuf = reinterpret_cast<E*>(smem + L.b_off);              // [parity][row][k]: the slice's h_{t-1}
+  float* part = reinterpret_cast<float*>(smem + L.part_off);   // [k range][row][q * hb + u]: h_{t-1} W_hh^T
   const int C = static_cast<int>(cluster.num_blocks());
-  const BlockElements el(C, static_cast<int>(cluster.block_rank()), H, B, hb, Np);
+  const BlockElements<Cells> el(C, static_cast<int>(cluster.block_rank()), H, B, hb, Np);
   const int u0 = el.u0, units = el.units, b0 = el.b0, rows = el.rows;
-  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32;
 
-  // Zero W and both h buffers: padded rows and columns enter the products as zeros.
-  for (int i = tid; i < static_cast<int>(L.pre_off / 4); i += kThreads) reinterpret_cast<uint32_t*>(smem)[i] = 0;
-  __syncthreads();
-  for (int i = tid; i < 4 * units * H; i += kThreads) {
-    const int row = i / H, k = i - row * H, q = row / units, u = row - q * units;
-    w[packed_a_offset<TC>(q * hb + u, k, L.Kp / TC::kK)] = encode(a.w_hh[static_cast<int64_t>(q * H + u0 + u) * H + k]);
+  // Zero both h buffers: padded rows and columns enter the products as zeros.
+  for (int i = tid; i < static_cast<int>((L.part_off - L.b_off) / 4); i += kThreads) {
+    reinterpret_cast<uint32_t*>(smem + L.b_off)[i] = 0;
   }
+  __syncthreads();
+  // This warp's W tiles: A row q * hb + u is W_hh[q * H + u0 + u, :].
+  const int count = L.split.tiles_of(warp);
+  FragmentA* w_shared = reinterpret_cast<FragmentA*>(smem) + warp * L.split.shared_tiles(R) * 32;
+  FragmentA w_regs[R > 0 ? R : 1];
+  gather_tiles<TC, R>(L.split, w_regs, w_shared, count, [&](int row, int k) -> E {
+    const int q = row / hb, u = row - q * hb;
+    return q < 4 && u < units && k < H ? encode(a.w_hh[static_cast<int64_t>(q * H + u0 + u) * H + k]) : E(0);
+  });
   for (int i = tid; i < rows * H; i += kThreads) {
     const int n = i / H, k = i - n * H;
-    hbuf[n * L.ldh + k] = encode(a.r_init[static_cast<int64_t>(b0 + n) * H + k]);
+    hbuf[n * L.ldb + k] = encode(a.r_init[static_cast<int64_t>(b0 + n) * H + k]);
   }
   // c and the carried h of this thread's cell elements stay in registers (h exact: the shared
   // copy may be rounded to tf32).
-  acc_t c_reg[kElems], gx[kElems][4];
-  scalar_t h_reg[kElems];
+  acc_t c_reg[Cells], gx[Cells][4];
+  scalar_t h_reg[Cells];
 #pragma unroll
-  for (int k = 0; k < kElems; ++k) {
+  for (int k = 0; k < Cells; ++k) {
     c_reg[k] = el.mine[k] ? a.c_init[el.offset(k, H)] : acc_t(0);
     h_reg[k] = el.mine[k] ? a.r_init[el.offset(k, H)] : scalar_t(0);
   }
@@ -218,35 +346,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const bool separate_state = a.r != a.y;
   const int64_t BH = static_cast<int64_t>(B) * H;
-  const int mtiles = L.Mp / 16, ntiles = Np / 8, ktiles = L.Kp / TC::kK;
   for (int64_t i = 0; i < a.n; ++i) {
     const int64_t s = a.s0 + i;
     const int64_t t = a.reverse ? a.T - 1 - s : s;
     const int64_t slot = t - a.tlo;
-    const E* hcur = hbuf + (i % 2) * Np * L.ldh;
-    E* hnext = hbuf + ((i + 1) % 2) * Np * L.ldh;
+    const E* hcur = hbuf + (i % 2) * Np * L.ldb;
+    E* hnext = hbuf + ((i + 1) % 2) * Np * L.ldb;
 
-    // 1. The gate pre-activations' recurrent part on the tensor cores, a warp per 16x8 tile.
-    // Two accumulators (even and odd k tiles) halve the chain of dependent mma instructions.
-    for (int item = warp; item < mtiles * ntiles; item += kWarps) {
-      const int mt = item % mtiles, nt = item / mtiles;
-      const E* w_band = w + mt * ktiles * TC::kTileElems;  // packed tiles (mt, 0..ktiles)
-      const E* h_tile = hcur + nt * 8 * L.ldh;
-      FragmentC even = {}, odd = {};
-#pragma unroll 2
-      for (int kt = 0; kt < ktiles; kt += 2) {
-        TC::multiply_add(even, w_band + kt * TC::kTileElems, h_tile + kt * TC::kK, L.ldh);
-        if (kt + 1 < ktiles) {  // warp-uniform: the warp stays converged for the mma
-          TC::multiply_add(odd, w_band + (kt + 1) * TC::kTileElems, h_tile + (kt + 1) * TC::kK, L.ldh);
-        }
-      }
-      // Stored transposed (row-major in the batch row) so the cell reads consecutive units.
-      const int m = mt * 16 + lane / 4, n = nt * 8 + 2 * (lane % 4);
-      pre[n * L.ldp + m] = even.reg[0] + odd.reg[0];
-      pre[(n + 1) * L.ldp + m] = even.reg[1] + odd.reg[1];
-      pre[n * L.ldp + m + 8] = even.reg[2] + odd.reg[2];
-      pre[(n + 1) * L.ldp + m + 8] = even.reg[3] + odd.reg[3];
-    }
+    // 1. The gate pre-activations' recurrent part on the tensor cores.
+    warp_products<TC, R>(L.split, w_regs, w_shared, count, hcur, L.ldb, Np / 8, part, Np, L.ldp);
     __syncthreads();
 
     // 2-3. The cell, and h_t to every block of the cluster.
@@ -255,7 +363,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     scalar_t* state = a.r + slot * BH;
     acc_t* c_out = a.c + slot * BH;
 #pragma unroll
-    for (int k = 0; k < kElems; ++k) {
+    for (int k = 0; k < Cells; ++k) {
       if (!el.mine[k]) continue;
       const int n = el.n[k], j = el.j[k], u = j - u0, b = b0 + n;
       const int64_t e = static_cast<int64_t>(b) * H + j;
@@ -266,11 +374,17 @@ __global__ void __launch_bounds__(kThreads, 1)
         y[e] = scalar_t(0);
         if (separate_state) state[e] = h_reg[k];
       } else {
-        const float* p = pre + n * L.ldp + u;
+        // The k ranges' partial sums, in a fixed order.
+        acc_t pre[4] = {0, 0, 0, 0};
+        for (int ks = 0; ks < L.split.ksplit; ++ks) {
+          const float* p = part + (ks * Np + n) * L.ldp + u;
+#pragma unroll
+          for (int q = 0; q < 4; ++q) pre[q] += p[q * hb];
+        }
         acc_t ai, af, ag, ao, c, h;
         const int64_t n_b = row_length(a.lengths, b, a.T);
         const acc_t c_in = state_zeroed_before(a.reset, B, b, t, n_b, a.reverse) ? acc_t(0) : c_reg[k];
-        fastlstm::cell_forward<acc_t>(gx[k][0] + p[0], gx[k][1] + p[hb], gx[k][2] + p[2 * hb], gx[k][3] + p[3 * hb],
+        fastlstm::cell_forward<acc_t>(gx[k][0] + pre[0], gx[k][1] + pre[1], gx[k][2] + pre[2], gx[k][3] + pre[3],
                                       c_in, ai, af, ag, ao, c, h);
         g[j] = ai;
         g[H + j] = af;
@@ -286,7 +400,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         h_reg[k] = hs;
       }
       const E carried = encode(h_reg[k]);
-      for (int r = 0; r < C; ++r) cluster.map_shared_rank(hnext, r)[n * L.ldh + j] = carried;
+      for (int r = 0; r < C; ++r) cluster.map_shared_rank(hnext, r)[n * L.ldb + j] = carried;
     }
 
     // 4. The step's only barrier; the next step's inputs load while the other blocks arrive.
@@ -304,14 +418,14 @@ struct CellGradInputs {
   acc_t g[4], c, c_prev, dy;
 };
 
-template <class scalar_t, class acc_t>
+template <class scalar_t, class acc_t, int Cells>
 __device__ __forceinline__ void load_grad_inputs(const ChunkRecurrenceArgs<scalar_t, acc_t>& a, int64_t i,
-                                                 const BlockElements& el, CellGradInputs<acc_t> (&in)[kElems]) {
+                                                 const BlockElements<Cells>& el, CellGradInputs<acc_t> (&in)[Cells]) {
   const int64_t s = a.s0 + i, t = a.reverse ? a.T - 1 - s : s, slot = t - a.tlo;
   const int64_t H = a.H, BH = a.B * H;
   const acc_t* c_prev = i == 0 ? a.c_init : a.c + ((a.reverse ? a.T - s : s - 1) - a.tlo) * BH;
 #pragma unroll
-  for (int k = 0; k < kElems; ++k) {
+  for (int k = 0; k < Cells; ++k) {
     if (!el.mine[k]) continue;
     const int64_t e = el.offset(k, H);
     const acc_t* g = a.gates + slot * 4 * BH + static_cast<int64_t>(el.b0 + el.n[k]) * 4 * H + el.j[k];
@@ -333,7 +447,7 @@ __device__ __forceinline__ void load_grad_inputs(const ChunkRecurrenceArgs<scala
 // Same semantics as persistent_backward_kernel (cell_math.h): padded rows pass their carries
 // through, truncation, resets and recurrent clipping act on the received carry, gate clipping on
 // dG_t, the norms are those of dL/dh_t and dL/dc_t; the carries in and out are raw.
-template <class scalar_t, class acc_t>
+template <class scalar_t, class acc_t, int R, int Cells>
 __global__ void __launch_bounds__(kThreads, 1)
     cluster_backward_kernel(const ChunkRecurrenceArgs<scalar_t, acc_t> a, const int hb, const int Np) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -344,28 +458,32 @@ __global__ void __launch_bounds__(kThreads, 1)
   FASTLSTM_DYNAMIC_SMEM(smem);
   cg::cluster_group cluster = cg::this_cluster();
   const int H = static_cast<int>(a.H), B = static_cast<int>(a.B), G = 4 * H;
-  const BackwardLayout L(H, hb, Np, sizeof(E));
-  E* w = reinterpret_cast<E*>(smem);                                // A[u][4 j + q] = W_hh[q H + j, u0 + u], packed
-  E* dgbuf = reinterpret_cast<E*>(smem + L.g_off);                  // [parity][row][4 j + q]: the slice's dG_t
+  const BlockLayout L(true, H, hb, Np, sizeof(E), R);
+  E* dgbuf = reinterpret_cast<E*>(smem + L.b_off);                  // [parity][row][4 j + q]: the slice's dG_t
   float* part = reinterpret_cast<float*>(smem + L.part_off);        // [k range][row][u]: dG_t W_hh[:, own]
   float* norm_warps = reinterpret_cast<float*>(smem + L.norm_off);  // [parity][warp][h, c]
   const int C = static_cast<int>(cluster.num_blocks());
-  const BlockElements el(C, static_cast<int>(cluster.block_rank()), H, B, hb, Np);
+  const BlockElements<Cells> el(C, static_cast<int>(cluster.block_rank()), H, B, hb, Np);
   const int u0 = el.u0, units = el.units, b0 = el.b0;
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
 
-  // Zero W and both dG buffers: padded units, rows and gate columns enter the products as zeros.
-  for (int i = tid; i < static_cast<int>(L.part_off / 4); i += kThreads) reinterpret_cast<uint32_t*>(smem)[i] = 0;
-  __syncthreads();
-  // Neighbouring threads read neighbouring columns of one W_hh row (coalesced).
-  for (int i = tid; i < units * G; i += kThreads) {
-    const int m = i / units, u = i - m * units, q = m / H, j = m - q * H;
-    w[packed_a_offset<TC>(u, 4 * j + q, L.Kp / TC::kK)] = encode(a.w_hh[static_cast<int64_t>(m) * H + u0 + u]);
+  // Zero both dG buffers: padded rows and gate columns enter the products as zeros.
+  for (int i = tid; i < static_cast<int>((L.part_off - L.b_off) / 4); i += kThreads) {
+    reinterpret_cast<uint32_t*>(smem + L.b_off)[i] = 0;
   }
-  acc_t carry_h[kElems], carry_c[kElems];
-  CellGradInputs<acc_t> in[kElems];
+  __syncthreads();
+  // This warp's W tiles: A[u][4 j + q] = W_hh[q H + j, u0 + u].
+  const int count = L.split.tiles_of(warp);
+  FragmentA* w_shared = reinterpret_cast<FragmentA*>(smem) + warp * L.split.shared_tiles(R) * 32;
+  FragmentA w_regs[R > 0 ? R : 1];
+  gather_tiles<TC, R>(L.split, w_regs, w_shared, count, [&](int u, int k) -> E {
+    const int j = k / 4, q = k - 4 * j;
+    return u < units && k < G ? encode(a.w_hh[static_cast<int64_t>(q * H + j) * H + u0 + u]) : E(0);
+  });
+  acc_t carry_h[Cells], carry_c[Cells];
+  CellGradInputs<acc_t> in[Cells];
 #pragma unroll
-  for (int k = 0; k < kElems; ++k) {
+  for (int k = 0; k < Cells; ++k) {
     carry_h[k] = el.mine[k] ? a.carry_h[el.offset(k, H)] : acc_t(0);
     carry_c[k] = el.mine[k] ? a.carry_c[el.offset(k, H)] : acc_t(0);
   }
@@ -376,20 +494,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   const acc_t clip_rec = static_cast<acc_t>(a.opts.clip_recurrent);
   const acc_t clip_gates = static_cast<acc_t>(a.opts.clip_gates);
   const int64_t BH = static_cast<int64_t>(B) * H;
-  const int mtiles = L.Mp / 16, ntiles = Np / 8, ktiles = L.Kp / TC::kK;
   const int tiles = static_cast<int>(gridDim.x);
   for (int64_t i = a.n - 1; i >= 0; --i) {
     const int64_t s = a.s0 + i;
     const int64_t t = a.reverse ? a.T - 1 - s : s;
     const int64_t slot = t - a.tlo;
     const int parity = static_cast<int>(i % 2);
-    E* dg_step = dgbuf + parity * Np * L.ldg;
+    E* dg_step = dgbuf + parity * Np * L.ldb;
 
     // 1. The cell backward; dG_t to every block of the cluster.
     acc_t sum_h = 0, sum_c = 0;
     scalar_t* dgates = a.dgates + slot * 4 * BH;
 #pragma unroll
-    for (int k = 0; k < kElems; ++k) {
+    for (int k = 0; k < Cells; ++k) {
       if (!el.mine[k]) continue;
       const int n = el.n[k], j = el.j[k], b = b0 + n;
       scalar_t* dg = dgates + static_cast<int64_t>(b) * G + j;
@@ -419,8 +536,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         sum_h += dh * dh;
         sum_c += dct * dct;
       }
-      // Aligned: ldg and the buffer offsets are multiples of 16 bytes.
-      for (int r = 0; r < C; ++r) store4(cluster.map_shared_rank(dg_step, r) + n * L.ldg + 4 * j, sent);
+      // Aligned: ldb and the buffer offsets are multiples of 16 bytes.
+      for (int r = 0; r < C; ++r) store4(cluster.map_shared_rank(dg_step, r) + n * L.ldb + 4 * j, sent);
     }
     if (a.norm_partial) {
       sum_h = warp_sum(sum_h);
@@ -447,40 +564,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       np[tiles + blockIdx.x] = c;
     }
 
-    // 3. dG_t W_hh[:, own units] on the tensor cores, a warp per (16 x 8 tile, k range).
-    for (int item = warp; item < mtiles * ntiles * L.ksplit; item += kWarps) {
-      const int mt = item % mtiles, nt = item / mtiles % ntiles, ks = item / (mtiles * ntiles);
-      const int k0 = ks * ktiles / L.ksplit, k1 = (ks + 1) * ktiles / L.ksplit;
-      const E* w_band = w + mt * ktiles * TC::kTileElems;
-      const E* g_tile = dg_step + nt * 8 * L.ldg;
-      FragmentC even = {}, odd = {};
-#pragma unroll 2
-      for (int kt = k0; kt < k1; kt += 2) {
-        TC::multiply_add(even, w_band + kt * TC::kTileElems, g_tile + kt * TC::kK, L.ldg);
-        if (kt + 1 < k1) {  // warp-uniform
-          TC::multiply_add(odd, w_band + (kt + 1) * TC::kTileElems, g_tile + (kt + 1) * TC::kK, L.ldg);
-        }
-      }
-      float* p = part + ks * Np * L.ldp;
-      const int m = mt * 16 + lane / 4, n = nt * 8 + 2 * (lane % 4);
-      p[n * L.ldp + m] = even.reg[0] + odd.reg[0];
-      p[(n + 1) * L.ldp + m] = even.reg[1] + odd.reg[1];
-      p[n * L.ldp + m + 8] = even.reg[2] + odd.reg[2];
-      p[(n + 1) * L.ldp + m + 8] = even.reg[3] + odd.reg[3];
-    }
+    // 3. dG_t W_hh[:, own units] on the tensor cores.
+    warp_products<TC, R>(L.split, w_regs, w_shared, count, dg_step, L.ldb, Np / 8, part, Np, L.ldp);
     __syncthreads();
     // part is rewritten after the next step's barrier, which every thread reaches after this read.
 #pragma unroll
-    for (int k = 0; k < kElems; ++k) {
+    for (int k = 0; k < Cells; ++k) {
       if (!el.mine[k]) continue;
       const int at = el.n[k] * L.ldp + (el.j[k] - u0);
       acc_t sum = 0;
-      for (int ks = 0; ks < L.ksplit; ++ks) sum += part[ks * Np * L.ldp + at];
+      for (int ks = 0; ks < L.split.ksplit; ++ks) sum += part[ks * Np * L.ldp + at];
       carry_h[k] += sum;
     }
   }
 #pragma unroll
-  for (int k = 0; k < kElems; ++k) {
+  for (int k = 0; k < Cells; ++k) {
     if (!el.mine[k]) continue;
     const int64_t e = el.offset(k, H);
     a.carry_h[e] = carry_h[k];
@@ -490,8 +588,23 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 template <class scalar_t>
-auto kernel_for(bool backward) {
-  return backward ? &cluster_backward_kernel<scalar_t, float> : &cluster_forward_kernel<scalar_t, float>;
+using KernelFn = void (*)(ChunkRecurrenceArgs<scalar_t, float>, int, int);
+
+template <class scalar_t, size_t... V>
+KernelFn<scalar_t> kernel_variant(bool backward, Variant v, std::index_sequence<V...>) {
+  KernelFn<scalar_t> k = nullptr;
+  auto pick = [&](auto forward, auto backward_kernel, Variant w) {
+    if (w.register_tiles == v.register_tiles && w.cells == v.cells) k = backward ? backward_kernel : forward;
+  };
+  (pick(&cluster_forward_kernel<scalar_t, float, kVariants[V].register_tiles, kVariants[V].cells>,
+        &cluster_backward_kernel<scalar_t, float, kVariants[V].register_tiles, kVariants[V].cells>, kVariants[V]),
+   ...);
+  return k;
+}
+
+template <class scalar_t>
+KernelFn<scalar_t> kernel_for(bool backward, Variant v) {
+  return kernel_variant<scalar_t>(backward, v, std::make_index_sequence<std::size(kVariants)>{});
 }
 
 cudaLaunchConfig_t cluster_config(int clusters, int C, size_t smem, cudaStream_t stream, cudaLaunchAttribute* attr) {
@@ -540,13 +653,60 @@ int resident_clusters(Kernel kernel, int C, size_t smem) {
 
 // One block's shared memory for a (direction, shape).
 template <class scalar_t>
-size_t layout_bytes(bool backward, int64_t H, int hb, int rows) {
-  const int h = static_cast<int>(H), eb = sizeof(Elem<scalar_t>);
-  return backward ? BackwardLayout(h, hb, rows, eb).bytes : ForwardLayout(h, hb, rows, eb).bytes;
+BlockLayout layout_of(bool backward, int64_t H, int hb, int rows, int R) {
+  return BlockLayout(backward, static_cast<int>(H), hb, rows, sizeof(Elem<scalar_t>), R);
+}
+
+// FASTLSTM_CLUSTER_REGISTER_TILES caps the W tiles a warp holds in registers (a lower variant, for
+// tests and diagnosis, as ATEN_CPU_CAPABILITY lowers the CPU kernels); unset: no cap.
+int register_tile_cap() {
+  const char* value = std::getenv("FASTLSTM_CLUSTER_REGISTER_TILES");
+  if (value == nullptr || *value == '\0') return std::numeric_limits<int>::max();
+  char* end = nullptr;
+  const long cap = std::strtol(value, &end, 10);
+  TORCH_CHECK(*end == '\0' && cap >= 0, "fastlstm: FASTLSTM_CLUSTER_REGISTER_TILES must be a non-negative integer, got '",
+              value, "'");
+  return static_cast<int>(std::min<long>(cap, std::numeric_limits<int>::max()));
+}
+
+// Whether a variant compiled without local memory (register spills would put W tiles there).
+template <class scalar_t>
+bool spill_free(bool backward, Variant v) {
+  cudaFuncAttributes attr = {};
+  if (cudaFuncGetAttributes(&attr, kernel_for<scalar_t>(backward, v)) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return attr.localSizeBytes == 0;
+}
+
+// The variants worth trying, in order, for a layer whose busiest warp owns `most` W tiles and whose
+// blocks own hb units: those that hold every tile from the fewest registers up, then the others
+// from the most registers down; without spills, within the cap, with cells for 8 batch rows.
+template <class scalar_t>
+std::vector<Variant> variants_to_try(bool backward, int most, int hb, int cap) {
+  std::vector<Variant> all, order;
+  for (const Variant v : kVariants) {
+    if (v.register_tiles <= cap && v.cells * kThreads / hb >= 8 && spill_free<scalar_t>(backward, v)) all.push_back(v);
+  }
+  for (const Variant v : all) {
+    if (v.register_tiles >= most) order.push_back(v);
+  }
+  for (auto v = all.rbegin(); v != all.rend(); ++v) {
+    if (v->register_tiles < most) order.push_back(*v);
+  }
+  return order;
+}
+
+std::string where_w_lives(const char* what, int R, int most) {
+  if (R == 0) return std::string(what) + " in shared memory";
+  if (R >= most) return std::string(what) + " in registers (" + std::to_string(most) + " tiles per warp)";
+  return std::string(what) + " in registers (" + std::to_string(R) + " tiles per warp) and shared memory (" +
+         std::to_string(most - R) + ")";
 }
 
 template <class scalar_t>
-ClusterPlan plan_for(int64_t H, int64_t B, int device, bool backward) {
+ClusterPlan plan_for(int64_t H, int64_t B, int device, bool backward, int cap) {
   ClusterPlan p;
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
   if (prop->major < 9 || !prop->clusterLaunch) {
@@ -557,68 +717,84 @@ ClusterPlan plan_for(int64_t H, int64_t B, int device, bool backward) {
     p.reason = "the cluster kernel needs batch * 4 * hidden_size < 2^31";
     return p;
   }
-  auto kernel = kernel_for<scalar_t>(backward);
-  set_attributes(kernel, device);
   const size_t smem_max = prop->sharedMemPerBlockOptin, reserve = 1024;
   const char* what = backward ? "W_hh's columns and two steps of gate gradients do not fit" : "W_hh does not fit";
+  const char* w_name = backward ? "W_hh's columns" : "W_hh";
   for (const int C : {16, 8}) {
     const int hb = static_cast<int>((H + C - 1) / C);
-    const int rows_max = kElems * kThreads / hb / 8 * 8;  // cell elements per thread are bounded
-    const size_t least = layout_bytes<scalar_t>(backward, H, hb, 8);
-    if (rows_max < 8) {
+    const int most = layout_of<scalar_t>(backward, H, hb, 8, 0).split.most_tiles();
+    const std::vector<Variant> order = variants_to_try<scalar_t>(backward, most, hb, cap);
+    if (order.empty()) {
       p.reason = "hidden_size " + std::to_string(H) + " is too large for the cluster kernel: " + std::to_string(hb) +
                  " units per block of a " + std::to_string(C) + "-block cluster, at most " +
-                 std::to_string(kElems * kThreads / 8);
+                 std::to_string(kVariants[0].cells * kThreads / 8);
       continue;
     }
-    if (least + reserve > smem_max) {
+    // The first variant whose shared memory fits 8 batch rows.
+    const Variant* chosen = nullptr;
+    for (const Variant& v : order) {
+      if (layout_of<scalar_t>(backward, H, hb, 8, v.register_tiles).bytes + reserve <= smem_max) {
+        chosen = &v;
+        break;
+      }
+    }
+    if (chosen == nullptr) {
+      const Variant most_registers = *std::max_element(order.begin(), order.end(), [](Variant x, Variant y) {
+        return x.register_tiles < y.register_tiles;
+      });
+      const int R = std::min(most_registers.register_tiles, most);
       p.reason = std::string(what) + " on chip: a block of a " + std::to_string(C) + "-block cluster needs " +
-                 std::to_string(least / 1024) + " KiB of shared memory for " + std::to_string(hb) +
-                 " hidden units (this version keeps W_hh in shared memory), the device allows " +
+                 std::to_string(layout_of<scalar_t>(backward, H, hb, 8, R).bytes / 1024) +
+                 " KiB of shared memory for " + std::to_string(hb) + " hidden units with " + std::to_string(R) +
+                 " of each warp's " + std::to_string(most) + " W tiles in registers, the device allows " +
                  std::to_string(smem_max / 1024) + " KiB";
       continue;
     }
-    const int resident = resident_clusters(kernel, C, least);
+    const Variant v = *chosen;
+    const int R = v.register_tiles;
+    const KernelFn<scalar_t> kernel = kernel_for<scalar_t>(backward, v);
+    set_attributes(kernel, device);
+    auto bytes = [&](int r) { return layout_of<scalar_t>(backward, H, hb, r, R).bytes; };
+    const int resident = resident_clusters(kernel, C, bytes(8));
     if (resident == 0) {
       if (p.reason.empty()) p.reason = "the device cannot schedule a cluster of " + std::to_string(C) + " blocks";
       continue;
     }
+    const int rows_max = v.cells * kThreads / hb / 8 * 8;  // cell elements per thread are bounded
     // The batch is spread over the clusters that can run at once; beyond that, larger slices.
     const int64_t tiles = (B + 7) / 8;
     int rows = static_cast<int>(8 * ((tiles + resident - 1) / resident));
     rows = std::min(rows, rows_max);
     // Larger slices need more shared memory: at least one such cluster must still fit an SM.
-    while (rows > 8 && (layout_bytes<scalar_t>(backward, H, hb, rows) + reserve > smem_max ||
-                        resident_clusters(kernel, C, layout_bytes<scalar_t>(backward, H, hb, rows)) == 0)) {
-      rows -= 8;
-    }
+    while (rows > 8 && (bytes(rows) + reserve > smem_max || resident_clusters(kernel, C, bytes(rows)) == 0)) rows -= 8;
     p.ok = true;
     p.cluster = C;
     p.units_per_block = hb;
     p.rows_per_cluster = rows;
     p.clusters = static_cast<int>((B + rows - 1) / rows);
     p.threads = kThreads;
-    p.smem_bytes = layout_bytes<scalar_t>(backward, H, hb, rows);
-    const std::string mma = kMmaInput<scalar_t> == MmaInput::TF32 ? "mma m16n8k8 tf32" : "mma m16n8k16";
+    p.register_tiles = R;
+    p.cells_per_thread = v.cells;
+    p.smem_bytes = bytes(rows);
+    const std::string mma = std::string(kMmaInput<scalar_t> == MmaInput::TF32 ? "mma m16n8k8 tf32" : "mma m16n8k16") +
+                            ", K in " + std::to_string(layout_of<scalar_t>(backward, H, hb, rows, R).split.ksplit) +
+                            " ranges";
     const std::string shape = std::to_string(p.clusters) + " clusters x " + std::to_string(C) + " blocks x " +
                               std::to_string(hb) + " hidden units, " + std::to_string(rows) +
-                              " batch rows per cluster; ";
-    p.reason = backward ? "cluster backward: " + shape +
-                              "W_hh's columns in shared memory, dG_t W_hh on tensor cores (" + mma + ", K split "
-                              "over " + std::to_string(BackwardLayout(static_cast<int>(H), hb, rows, sizeof(Elem<scalar_t>)).ksplit) +
-                              " warps), dG_t over DSMEM, one cluster barrier per step, no grid barrier"
-                        : "cluster: " + shape +
-                              "W_hh in shared memory, gates on tensor cores (" + mma + "), h_t over DSMEM, one "
-                              "cluster barrier per step, no grid barrier";
+                              " batch rows per cluster; " + where_w_lives(w_name, R, most);
+    p.reason = backward ? "cluster backward: " + shape + ", dG_t W_hh on tensor cores (" + mma +
+                              "), dG_t over DSMEM, one cluster barrier per step, no grid barrier"
+                        : "cluster: " + shape + ", gates on tensor cores (" + mma +
+                              "), h_t over DSMEM, one cluster barrier per step, no grid barrier";
     return p;
   }
   return p;
 }
 
-ClusterPlan computed_plan(int64_t H, int64_t B, c10::ScalarType dtype, int device, bool backward) {
-  if (dtype == c10::kBFloat16) return plan_for<c10::BFloat16>(H, B, device, backward);
-  if (dtype == c10::kHalf) return plan_for<c10::Half>(H, B, device, backward);
-  if (dtype == c10::kFloat) return plan_for<float>(H, B, device, backward);
+ClusterPlan computed_plan(int64_t H, int64_t B, c10::ScalarType dtype, int device, bool backward, int cap) {
+  if (dtype == c10::kBFloat16) return plan_for<c10::BFloat16>(H, B, device, backward, cap);
+  if (dtype == c10::kHalf) return plan_for<c10::Half>(H, B, device, backward, cap);
+  if (dtype == c10::kFloat) return plan_for<float>(H, B, device, backward, cap);
   ClusterPlan p;
   p.reason = std::string("the cluster kernel runs bfloat16, float16 and float32 (as tf32) only (tensor cores), got ") +
              c10::toString(dtype);
@@ -627,17 +803,18 @@ ClusterPlan computed_plan(int64_t H, int64_t B, c10::ScalarType dtype, int devic
 
 // Plans are computed once per key: a long sequence's chunks each launch and ask again.
 const ClusterPlan& cached_plan(int64_t H, int64_t B, c10::ScalarType dtype, int device, bool backward) {
-  // Keyed by the device limits too, which the CPU harness's tests change.
-  using Key = std::tuple<int, int64_t, int64_t, c10::ScalarType, size_t, int, bool>;
+  // Keyed by the device limits and the register-tile cap too, which the CPU harness's tests change.
+  using Key = std::tuple<int, int64_t, int64_t, c10::ScalarType, size_t, int, bool, int>;
   static std::mutex mutex;
   static std::map<Key, ClusterPlan> plans;
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
-  const Key key{device, H, B, dtype, prop->sharedMemPerBlockOptin, prop->multiProcessorCount, backward};
+  const int cap = register_tile_cap();
+  const Key key{device, H, B, dtype, prop->sharedMemPerBlockOptin, prop->multiProcessorCount, backward, cap};
   {
     const std::lock_guard<std::mutex> lock(mutex);
     if (auto it = plans.find(key); it != plans.end()) return it->second;
   }
-  ClusterPlan p = computed_plan(H, B, dtype, device, backward);
+  ClusterPlan p = computed_plan(H, B, dtype, device, backward, cap);
   const std::lock_guard<std::mutex> lock(mutex);
   return plans.emplace(key, std::move(p)).first->second;
 }
@@ -652,7 +829,8 @@ void launch(const ChunkRecurrenceArgs<scalar_t, acc_t>& a, bool backward) {
   cudaLaunchAttribute attr[1];
   const cudaLaunchConfig_t config =
       cluster_config(plan.clusters, plan.cluster, plan.smem_bytes, at::cuda::getCurrentCUDAStream(), attr);
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel_for<scalar_t>(backward), a, plan.units_per_block,
+  const Variant v{plan.register_tiles, plan.cells_per_thread};
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel_for<scalar_t>(backward, v), a, plan.units_per_block,
                                     plan.rows_per_cluster));
 }
 

@@ -21,6 +21,8 @@ struct ClusterPlan {
   int rows_per_cluster = 0;  // batch rows a cluster runs (a multiple of 8: the mma's N)
   int clusters = 0;          // independent clusters, one batch slice each
   int threads = 0;
+  int register_tiles = 0;    // W tiles each warp holds in registers (the kernel variant: with
+  int cells_per_thread = 0;  // the (unit, row) cell elements each thread owns)
   size_t smem_bytes = 0;
 };
 

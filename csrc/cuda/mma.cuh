@@ -180,7 +180,8 @@ __device__ __forceinline__ FragmentB load_fragment_b(const uint32_t* b, int ldb)
 }
 
 // One k tile of a product for each input type: its element (the bits in memory), its K, the
-// packed A tile's size and layout, and d += A[16 x K] B[K x 8] (A packed, B as above).
+// packed A tile's size and layout, A fragments gathered from any layout, and
+// d += A[16 x K] B[K x 8] (A a fragment: held in registers or loaded from a packed tile; B as above).
 template <MmaInput In>
 struct TensorCore {
   using Elem = uint16_t;
@@ -190,8 +191,21 @@ struct TensorCore {
   __host__ __device__ static constexpr int packed_a_index(int i, int c) {
     return ((i % 8 * 4 + c % 8 / 2) * 4 + (i >= 8) + 2 * (c >= 8)) * 2 + c % 2;
   }
-  __device__ __forceinline__ static void multiply_add(FragmentC& d, const Elem* a_packed, const Elem* b, int ldb) {
-    mma_m16n8k16<In>(d, load_packed_a(a_packed), load_fragment_b(b, ldb), d);
+  // This lane's fragment of a tile whose element (i, c) is elem(i, c) (an Elem): the inverse of
+  // packed_a_index, for tiles gathered straight from global memory into registers.
+  template <class F>
+  __device__ __forceinline__ static FragmentA gather_a(F elem) {
+    const int lane = static_cast<int>(threadIdx.x % 32), i = lane / 4, c = lane % 4 * 2;
+    FragmentA a;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int ri = i + 8 * (r & 1), rc = c + 8 * (r >> 1);
+      a.reg[r] = uint32_t(elem(ri, rc)) | uint32_t(elem(ri, rc + 1)) << 16;
+    }
+    return a;
+  }
+  __device__ __forceinline__ static void multiply_add(FragmentC& d, const FragmentA& a, const Elem* b, int ldb) {
+    mma_m16n8k16<In>(d, a, load_fragment_b(b, ldb), d);
   }
 };
 
@@ -204,8 +218,16 @@ struct TensorCore<MmaInput::TF32> {
   __host__ __device__ static constexpr int packed_a_index(int i, int c) {
     return (i % 8 * 4 + c % 4) * 4 + (i >= 8) + 2 * (c >= 4);
   }
-  __device__ __forceinline__ static void multiply_add(FragmentC& d, const Elem* a_packed, const Elem* b, int ldb) {
-    mma_m16n8k8_tf32(d, load_packed_a(a_packed), load_fragment_b(b, ldb), d);
+  template <class F>
+  __device__ __forceinline__ static FragmentA gather_a(F elem) {
+    const int lane = static_cast<int>(threadIdx.x % 32), i = lane / 4, c = lane % 4;
+    FragmentA a;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) a.reg[r] = elem(i + 8 * (r & 1), c + 4 * (r >> 1));
+    return a;
+  }
+  __device__ __forceinline__ static void multiply_add(FragmentC& d, const FragmentA& a, const Elem* b, int ldb) {
+    mma_m16n8k8_tf32(d, a, load_fragment_b(b, ldb), d);
   }
 };
 

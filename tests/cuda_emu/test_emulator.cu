@@ -344,9 +344,11 @@ TEST(cluster_launch_limits_fail_like_cuda) {
   cudaGetLastError();
 }
 
-// One tensor-core k tile per warp: D = A B + C from tiles in memory (A packed), through the loaders.
+// One tensor-core k tile per warp: D = A B + C from tiles in memory, through the loaders: A packed
+// (a_rows null), or A gathered into its register fragment from the row-major tile a_rows.
 template <fastlstm::cuda::MmaInput In>
 __global__ void mma_kernel(const typename fastlstm::cuda::TensorCore<In>::Elem* a,
+                           const typename fastlstm::cuda::TensorCore<In>::Elem* a_rows,
                            const typename fastlstm::cuda::TensorCore<In>::Elem* b_cols, const float* c, float* d) {
   using namespace fastlstm::cuda;
   constexpr int K = TensorCore<In>::kK;
@@ -356,7 +358,12 @@ __global__ void mma_kernel(const typename fastlstm::cuda::TensorCore<In>::Elem* 
   fd.reg[1] = c[g * 8 + 2 * q + 1];
   fd.reg[2] = c[(g + 8) * 8 + 2 * q];
   fd.reg[3] = c[(g + 8) * 8 + 2 * q + 1];
-  TensorCore<In>::multiply_add(fd, a, b_cols, K);
+  if (a_rows) {
+    const FragmentA fa = TensorCore<In>::gather_a([&](int i, int k) { return a_rows[i * K + k]; });
+    TensorCore<In>::multiply_add(fd, fa, b_cols, K);
+  } else {
+    TensorCore<In>::multiply_add(fd, load_packed_a(a), b_cols, K);
+  }
   store_fragment_c(fd, d, 8);
 }
 
@@ -376,28 +383,33 @@ template <fastlstm::cuda::MmaInput In>
 void check_mma(const char* name) {
   using Elem = typename fastlstm::cuda::TensorCore<In>::Elem;
   constexpr int K = fastlstm::cuda::TensorCore<In>::kK;
-  Managed<Elem> a(16 * K), b(8 * K);
-  Managed<float> c(16 * 8), d(16 * 8, -1);
+  Managed<Elem> a(16 * K), a_rows(16 * K), b(8 * K);
+  Managed<float> c(16 * 8);
   std::vector<float> av(16 * K), bv(K * 8);  // bv[k * 8 + n]
   for (int i = 0; i < 16 * K; ++i) av[i] = static_cast<float>((i * 7 + 3) % 49 - 24) / 8;
   for (int i = 0; i < K * 8; ++i) bv[i] = static_cast<float>((i * 5 + 1) % 41 - 20) / 8;
   for (int i = 0; i < 16; ++i) {
     for (int k = 0; k < K; ++k) {
       a[fastlstm::cuda::TensorCore<In>::packed_a_index(i, k)] = static_cast<Elem>(to_bits(av[i * K + k], In));
+      a_rows[i * K + k] = static_cast<Elem>(to_bits(av[i * K + k], In));
     }
   }
   for (int k = 0; k < K; ++k) {
     for (int n = 0; n < 8; ++n) b[n * K + k] = static_cast<Elem>(to_bits(bv[k * 8 + n], In));  // column by column
   }
   for (int i = 0; i < 16 * 8; ++i) c[i] = static_cast<float>(i % 9) - 4;
-  FASTLSTM_LAUNCH(mma_kernel<In>, 1, 32, 0, nullptr, a.p, b.p, c.p, d.p);
-  EXPECT(ok(cudaDeviceSynchronize()));
-  for (int m = 0; m < 16; ++m) {
-    for (int n = 0; n < 8; ++n) {
-      double want = c[m * 8 + n];
-      for (int k = 0; k < K; ++k) want += static_cast<double>(av[m * K + k]) * bv[k * 8 + n];
-      EXPECT(d[m * 8 + n] == want, std::string(name) + " D[" + std::to_string(m) + "][" + std::to_string(n) +
-                                       "] = " + std::to_string(d[m * 8 + n]) + ", want " + std::to_string(want));
+  for (const bool gathered : {false, true}) {
+    Managed<float> d(16 * 8, -1);
+    FASTLSTM_LAUNCH(mma_kernel<In>, 1, 32, 0, nullptr, a.p, gathered ? a_rows.p : nullptr, b.p, c.p, d.p);
+    EXPECT(ok(cudaDeviceSynchronize()));
+    const std::string what = std::string(name) + (gathered ? ", A gathered into registers" : ", A packed");
+    for (int m = 0; m < 16; ++m) {
+      for (int n = 0; n < 8; ++n) {
+        double want = c[m * 8 + n];
+        for (int k = 0; k < K; ++k) want += static_cast<double>(av[m * K + k]) * bv[k * 8 + n];
+        EXPECT(d[m * 8 + n] == want, what + " D[" + std::to_string(m) + "][" + std::to_string(n) +
+                                         "] = " + std::to_string(d[m * 8 + n]) + ", want " + std::to_string(want));
+      }
     }
   }
 }

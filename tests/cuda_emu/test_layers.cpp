@@ -496,7 +496,7 @@ TEST(cluster_several_slices_odd_sizes) {
   });
 }
 
-// The cluster backward with every backward option; K split over many warps (one output tile) and
+// The cluster backward with every backward option; K cut into many ranges (one output tile) and
 // over few (several row tiles per cluster, k ranges of odd lengths);
 // several clusters with norm partials per block.
 TEST(cluster_backward_options) {
@@ -511,7 +511,7 @@ TEST(cluster_backward_options) {
     c.tbptt = 3;
     c.clip = 0.05;
     c.clip_mode = "gates";
-    expect_backward_plan(c, "split over 6 warps");  // 6 k tiles (K = 4 * 24)
+    expect_backward_plan(c, "K in 6 ranges");  // 6 k tiles (K = 4 * 24), one per warp
   });
   for_each_tensor_core_type([&](Case& c) {
     c.reverse = true;
@@ -526,19 +526,18 @@ TEST(cluster_backward_options) {
     c.state_grads = false;
     c.bias = false;
   });
-  limits.set(8, limits.saved().sharedMemPerBlockOptin);  // few resident clusters: 3 row tiles in each
+  limits.set(8, limits.saved().sharedMemPerBlockOptin);  // few resident clusters: 2 row tiles in each
   for_each_tensor_core_type([&](Case& c) {
-    c.H = 130;  // 9 units per block, K = 520 padded to 528: 33 k tiles
+    c.H = 130;  // 9 units per block, K = 520 padded to 528: 33 k tiles (66 k8 tiles), ranges of odd lengths
     c.B = 40;
     c.T = 3;
     c.packed = true;
     c.norms = true;
     c.clip = 0.5;
-    // float32's larger buffers leave fewer clusters resident: 16 rows each, 66 k8 tiles in 4 ranges.
-    expect_backward_plan(c, c.dtype == at::kFloat ? "16 batch rows per cluster; W_hh's columns in shared memory, dG_t "
-                                                    "W_hh on tensor cores (mma m16n8k8 tf32, K split over 4 warps)"
-                                                  : "24 batch rows per cluster; W_hh's columns in shared memory, dG_t "
-                                                    "W_hh on tensor cores (mma m16n8k16, K split over 2 warps)");
+    expect_backward_plan(c, c.dtype == at::kFloat ? "16 batch rows per cluster; W_hh's columns in registers (9 tiles "
+                                                    "per warp), dG_t W_hh on tensor cores (mma m16n8k8 tf32, K in 8 ranges)"
+                                                  : "16 batch rows per cluster; W_hh's columns in registers (5 tiles "
+                                                    "per warp), dG_t W_hh on tensor cores (mma m16n8k16, K in 7 ranges)");
   }, {at::kBFloat16, at::kFloat});  // the largest case: float16 shares bfloat16's code but the mma type
   limits.set(16, limits.saved().sharedMemPerBlockOptin);  // 3 clusters, the last one partial
   for_each_tensor_core_type([&](Case& c) {
@@ -592,6 +591,73 @@ TEST(cluster_runs_float64_and_ieee_float32_on_the_persistent_kernel) {
   }
 }
 
+// Sets FASTLSTM_CLUSTER_REGISTER_TILES (the most W tiles a warp may hold in registers) for a
+// scope; the plans are keyed by it.
+class RegisterTileCap {
+ public:
+  explicit RegisterTileCap(const char* cap) { setenv("FASTLSTM_CLUSTER_REGISTER_TILES", cap, 1); }
+  ~RegisterTileCap() { unsetenv("FASTLSTM_CLUSTER_REGISTER_TILES"); }
+};
+
+// W_hh (and its columns in the backward) wholly in shared memory, split between registers and
+// shared memory, and wholly in registers with fewer cell elements per thread: each kernel variant
+// the plan can pick runs every option against the CPU path.
+TEST(cluster_weights_in_registers_and_shared_memory) {
+  DeviceLimits limits;
+  limits.set(16, limits.saved().sharedMemPerBlockOptin);  // a cluster resident whatever CUDA_EMU_SMS is
+  cuda_emu::set_max_cluster_size(8);  // 8 blocks: more tiles per warp at a small H
+  auto options = [](Case& c) {
+    c.H = 200;  // 25 units per block of 8: forward 7 bands x 13 k tiles, backward 2 x 50
+    c.B = 9;
+    c.T = 3;
+    c.packed = true;
+    c.reverse = c.dtype != at::kBFloat16;
+    c.norms = true;
+    c.tbptt = 2;
+    c.clip = 0.5;
+    c.reset = true;
+  };
+  auto expect_plans = [](const Case& c, const std::string& forward, const std::string& backward) {
+    const fastlstm::cuda::ClusterPlan f = plan_of(c), b = plan_of(c, true);
+    EXPECT(f.ok && contains(f.reason, forward), f.reason);
+    EXPECT(b.ok && contains(b.reason, backward), b.reason);
+  };
+  {
+    const RegisterTileCap cap("0");
+    for_each_tensor_core_type([&](Case& c) {
+      options(c);
+      expect_plans(c, "; W_hh in shared memory, gates", "; W_hh's columns in shared memory, dG_t");
+    });
+  }
+  {
+    const RegisterTileCap cap("16");  // float32's k8 tiles: at most 23 and 25 per warp, 16 of them in registers
+    for_each_tensor_core_type([&](Case& c) {
+      options(c);
+      expect_plans(c, "; W_hh in registers (16 tiles per warp) and shared memory (7)",
+                   "; W_hh's columns in registers (16 tiles per warp) and shared memory (9)");
+    }, {at::kFloat});
+  }
+  // No cap: every tile in registers; float32's 23 per warp take the variant of 32 register tiles
+  // and 2 cell elements per thread, bfloat16's 12 that of 16 and 4.
+  for_each_tensor_core_type([&](Case& c) {
+    options(c);
+    const bool f32 = c.dtype == at::kFloat;
+    const fastlstm::cuda::ClusterPlan f = plan_of(c);
+    EXPECT(f.ok && contains(f.reason, std::string("; W_hh in registers (") + (f32 ? "23" : "12") + " tiles per warp)") &&
+               f.register_tiles == (f32 ? 32 : 16) && f.cells_per_thread == (f32 ? 2 : 4),
+           f.reason);
+  }, {at::kBFloat16, at::kFloat});
+  cuda_emu::set_max_cluster_size(16);
+  {
+    const RegisterTileCap cap("sixteen");
+    Case c;
+    c.dtype = at::kBFloat16;
+    c.backend = "cluster";
+    const std::string why = refusal(c);
+    EXPECT(contains(why, "FASTLSTM_CLUSTER_REGISTER_TILES must be a non-negative integer, got 'sixteen'"), why);
+  }
+}
+
 // A device that refuses non-portable cluster sizes: clusters of 8.
 TEST(cluster_of_eight_without_nonportable_sizes) {
   cuda_emu::set_max_cluster_size(8);
@@ -612,10 +678,10 @@ TEST(cluster_refuses_clearly) {
   c.P = 5;
   std::string why = refusal(c);
   EXPECT(why.find("does not support proj_size > 0") != std::string::npos, why);
-  // W_hh beyond the shared memory of 8 blocks (16 cannot be resident on 2 SMs) and of the
-  // persistent kernel's 2 blocks: both reasons, whatever CUDA_EMU_SMS the run has.
+  // The cluster kernels' buffers beyond a block's shared memory (W_hh in registers), and W_hh
+  // beyond the persistent kernel's 2 blocks: both reasons, whatever CUDA_EMU_SMS the run has.
   DeviceLimits limits;
-  limits.set(2, 8 * 1024);
+  limits.set(2, 3 * 1024);
   c.P = 0;
   c.H = 64;
   why = refusal(c);

@@ -306,6 +306,19 @@ cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, i
   return cudaErrorInvalidValue;
 }
 
+// The fields of cudaFuncAttributes that the harness models: a kernel run on the CPU has no
+// register spills, so no local memory.
+struct cudaFuncAttributes {
+  size_t localSizeBytes;
+  int numRegs;
+};
+
+template <class... P>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, void (*)(P...)) {
+  *attr = {};
+  return cudaSuccess;
+}
+
 template <class... P>
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void (*kernel)(P...), int threads, size_t smem) {
   *n = cuda_emu::max_active_blocks(reinterpret_cast<const void*>(kernel), threads, smem);
