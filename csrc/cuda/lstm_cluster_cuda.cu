@@ -137,16 +137,18 @@ struct TileCursor {
 //   backward: A = W_hh's columns of the block's units (M = hb, padded to 16), K = all 4H gate
 //             columns, ordered unit-major, k = 4 j + q for gate q of unit j (a sum's order is
 //             free): a thread's four gate gradients are then adjacent, one 8-byte DSMEM store per peer.
+// The B operand has one buffer per step parity (buffers = 2), or one buffer (1, where two do not
+// fit) and a second split cluster barrier per step (see the kernels).
 struct BlockLayout {
   int Mp, Kp, ldb, ldp;
   TileSplit split;
   size_t b_off, part_off, norm_off, bytes;
-  __host__ __device__ BlockLayout(bool backward, int H, int hb, int Np, int eb, int R)  // eb: bytes per element
+  __host__ __device__ BlockLayout(bool backward, int H, int hb, int Np, int eb, int R, int buffers)  // eb: bytes per element
       : Mp(round_up(backward ? hb : 4 * hb, 16)), Kp(round_up(backward ? 4 * H : H, 16)), ldb(Kp + pad_elems(eb)),
         ldp(Mp + 4), split(Mp / 16, Kp / (32 / eb)) {
     const size_t tile_bytes = size_t(eb) * 16 * (32 / eb);
     b_off = align16(tile_bytes * kWarps * split.shared_tiles(R));
-    part_off = b_off + align16(size_t(eb) * 2 * Np * ldb);
+    part_off = b_off + align16(size_t(eb) * buffers * Np * ldb);
     norm_off = part_off + align16(sizeof(float) * split.ksplit * Np * ldp);
     bytes = norm_off + (backward ? align16(sizeof(float) * 2 * kWarps * 2) : 0);  // (parity, warp, h and c)
   }
@@ -296,7 +298,7 @@ __device__ __forceinline__ void load_inputs(const ChunkRecurrenceArgs<scalar_t, 
 
 template <class scalar_t, class acc_t, int R, int Cells>
 __global__ void __launch_bounds__(kThreads, 1)
-    cluster_forward_kernel(const ChunkRecurrenceArgs<scalar_t, acc_t> a, const int hb, const int Np) {
+    cluster_forward_kernel(const ChunkRecurrenceArgs<scalar_t, acc_t> a, const int hb, const int Np, const int buffers) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // clusters need sm_90; the plan refuses such devices, so this is never launched
 #else
@@ -306,7 +308,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   cg::cluster_group cluster = cg::this_cluster();
   // Sizes fit in 32 bits (checked at launch).
   const int H = static_cast<int>(a.H), B = static_cast<int>(a.B);
-  const BlockLayout L(false, H, hb, Np, sizeof(E), R);
+  const BlockLayout L(false, H, hb, Np, sizeof(E), R, buffers);
   E* hbuf = reinterpret_cast<E*>(smem + L.b_off);              // [parity][row][k]: the slice's h_{t-1}
   float* part = reinterpret_cast<float*>(smem + L.part_off);   // [k range][row][q * hb + u]: h_{t-1} W_hh^T
   const int C = static_cast<int>(cluster.num_blocks());
@@ -314,7 +316,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int u0 = el.u0, units = el.units, b0 = el.b0, rows = el.rows;
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32;
 
-  // Zero both h buffers: padded rows and columns enter the products as zeros.
+  // Zero the h buffers: padded rows and columns enter the products as zeros.
   for (int i = tid; i < static_cast<int>((L.part_off - L.b_off) / 4); i += kThreads) {
     reinterpret_cast<uint32_t*>(smem + L.b_off)[i] = 0;
   }
@@ -350,12 +352,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t s = a.s0 + i;
     const int64_t t = a.reverse ? a.T - 1 - s : s;
     const int64_t slot = t - a.tlo;
-    const E* hcur = hbuf + (i % 2) * Np * L.ldb;
-    E* hnext = hbuf + ((i + 1) % 2) * Np * L.ldb;
+    const E* hcur = hbuf + (i % buffers) * Np * L.ldb;
+    E* hnext = hbuf + ((i + 1) % buffers) * Np * L.ldb;
 
     // 1. The gate pre-activations' recurrent part on the tensor cores.
     warp_products<TC, R>(L.split, w_regs, w_shared, count, hcur, L.ldb, Np / 8, part, Np, L.ldp);
     __syncthreads();
+    // One h buffer: the peers may overwrite it once every block has read it (waited for below).
+    if (buffers == 1) cluster.barrier_arrive();
 
     // 2-3. The cell, and h_t to every block of the cluster.
     acc_t* gates = a.gates + slot * 4 * BH;
@@ -399,11 +403,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (separate_state) state[e] = hs;
         h_reg[k] = hs;
       }
+    }
+    if (buffers == 1) cluster.barrier_wait();
+#pragma unroll
+    for (int k = 0; k < Cells; ++k) {
+      if (!el.mine[k]) continue;
       const E carried = encode(h_reg[k]);
-      for (int r = 0; r < C; ++r) cluster.map_shared_rank(hnext, r)[n * L.ldb + j] = carried;
+      for (int r = 0; r < C; ++r) cluster.map_shared_rank(hnext, r)[el.n[k] * L.ldb + el.j[k]] = carried;
     }
 
-    // 4. The step's only barrier; the next step's inputs load while the other blocks arrive.
+    // 4. The step's barrier; the next step's inputs load while the other blocks arrive.
     cluster.barrier_arrive();
     if (i + 1 < a.n) load_inputs(a, i + 1, el, gx);
     cluster.barrier_wait();
@@ -449,7 +458,7 @@ __device__ __forceinline__ void load_grad_inputs(const ChunkRecurrenceArgs<scala
 // dG_t, the norms are those of dL/dh_t and dL/dc_t; the carries in and out are raw.
 template <class scalar_t, class acc_t, int R, int Cells>
 __global__ void __launch_bounds__(kThreads, 1)
-    cluster_backward_kernel(const ChunkRecurrenceArgs<scalar_t, acc_t> a, const int hb, const int Np) {
+    cluster_backward_kernel(const ChunkRecurrenceArgs<scalar_t, acc_t> a, const int hb, const int Np, const int buffers) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();
 #else
@@ -458,7 +467,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   FASTLSTM_DYNAMIC_SMEM(smem);
   cg::cluster_group cluster = cg::this_cluster();
   const int H = static_cast<int>(a.H), B = static_cast<int>(a.B), G = 4 * H;
-  const BlockLayout L(true, H, hb, Np, sizeof(E), R);
+  const BlockLayout L(true, H, hb, Np, sizeof(E), R, buffers);
   E* dgbuf = reinterpret_cast<E*>(smem + L.b_off);                  // [parity][row][4 j + q]: the slice's dG_t
   float* part = reinterpret_cast<float*>(smem + L.part_off);        // [k range][row][u]: dG_t W_hh[:, own]
   float* norm_warps = reinterpret_cast<float*>(smem + L.norm_off);  // [parity][warp][h, c]
@@ -467,7 +476,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int u0 = el.u0, units = el.units, b0 = el.b0;
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
 
-  // Zero both dG buffers: padded rows and gate columns enter the products as zeros.
+  // Zero the dG buffers: padded rows and gate columns enter the products as zeros.
   for (int i = tid; i < static_cast<int>((L.part_off - L.b_off) / 4); i += kThreads) {
     reinterpret_cast<uint32_t*>(smem + L.b_off)[i] = 0;
   }
@@ -500,18 +509,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t t = a.reverse ? a.T - 1 - s : s;
     const int64_t slot = t - a.tlo;
     const int parity = static_cast<int>(i % 2);
-    E* dg_step = dgbuf + parity * Np * L.ldb;
+    E* dg_step = dgbuf + (i % buffers) * Np * L.ldb;
 
     // 1. The cell backward; dG_t to every block of the cluster.
     acc_t sum_h = 0, sum_c = 0;
     scalar_t* dgates = a.dgates + slot * 4 * BH;
+    E sent[Cells][4];  // dG_t of gates i, f, g, o
 #pragma unroll
     for (int k = 0; k < Cells; ++k) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) sent[k][q] = 0;
       if (!el.mine[k]) continue;
       const int n = el.n[k], j = el.j[k], b = b0 + n;
       scalar_t* dg = dgates + static_cast<int64_t>(b) * G + j;
       const int64_t n_b = row_length(a.lengths, b, a.T);
-      E sent[4] = {0, 0, 0, 0};  // dG_t of gates i, f, g, o
       if (t >= n_b) {  // padding: no gate gradient, the carries pass through untouched
 #pragma unroll
         for (int q = 0; q < 4; ++q) dg[q * H] = scalar_t(0);
@@ -529,15 +540,22 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int q = 0; q < 4; ++q) {
           const scalar_t v = static_cast<scalar_t>(clip_gate_grad(d[q], clip_gates));
           dg[q * H] = v;
-          sent[q] = encode(v);
+          sent[k][q] = encode(v);
         }
         carry_c[k] = dcp;
         carry_h[k] = acc_t(0);  // what skips the step; dG_t W_hh is added in phase 3
         sum_h += dh * dh;
         sum_c += dct * dct;
       }
+    }
+    // One dG buffer: the previous step's products have read it in every block.
+    if (buffers == 1 && i != a.n - 1) cluster.barrier_wait();
+#pragma unroll
+    for (int k = 0; k < Cells; ++k) {
+      if (!el.mine[k]) continue;
       // Aligned: ldb and the buffer offsets are multiples of 16 bytes.
-      for (int r = 0; r < C; ++r) store4(cluster.map_shared_rank(dg_step, r) + n * L.ldb + 4 * j, sent);
+      E* to = dg_step + el.n[k] * L.ldb + 4 * el.j[k];
+      for (int r = 0; r < C; ++r) store4(cluster.map_shared_rank(to, r), sent[k]);
     }
     if (a.norm_partial) {
       sum_h = warp_sum(sum_h);
@@ -548,7 +566,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
 
-    // 2. The step's only barrier; the next step's inputs load while the other blocks arrive.
+    // 2. The step's barrier; the next step's inputs load while the other blocks arrive.
     cluster.barrier_arrive();
     if (i > 0) load_grad_inputs(a, i - 1, el, in);
     cluster.barrier_wait();
@@ -567,6 +585,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     // 3. dG_t W_hh[:, own units] on the tensor cores.
     warp_products<TC, R>(L.split, w_regs, w_shared, count, dg_step, L.ldb, Np / 8, part, Np, L.ldp);
     __syncthreads();
+    // One dG buffer: the peers may overwrite it once every block has read it (waited for before
+    // the next step's stores).
+    if (buffers == 1) cluster.barrier_arrive();
     // part is rewritten after the next step's barrier, which every thread reaches after this read.
 #pragma unroll
     for (int k = 0; k < Cells; ++k) {
@@ -577,6 +598,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       carry_h[k] += sum;
     }
   }
+  if (buffers == 1 && a.n > 0) cluster.barrier_wait();  // the last step's arrive
 #pragma unroll
   for (int k = 0; k < Cells; ++k) {
     if (!el.mine[k]) continue;
@@ -588,7 +610,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 template <class scalar_t>
-using KernelFn = void (*)(ChunkRecurrenceArgs<scalar_t, float>, int, int);
+using KernelFn = void (*)(ChunkRecurrenceArgs<scalar_t, float>, int, int, int);
 
 template <class scalar_t, size_t... V>
 KernelFn<scalar_t> kernel_variant(bool backward, Variant v, std::index_sequence<V...>) {
@@ -653,8 +675,8 @@ int resident_clusters(Kernel kernel, int C, size_t smem) {
 
 // One block's shared memory for a (direction, shape).
 template <class scalar_t>
-BlockLayout layout_of(bool backward, int64_t H, int hb, int rows, int R) {
-  return BlockLayout(backward, static_cast<int>(H), hb, rows, sizeof(Elem<scalar_t>), R);
+BlockLayout layout_of(bool backward, int64_t H, int hb, int rows, int R, int buffers = 2) {
+  return BlockLayout(backward, static_cast<int>(H), hb, rows, sizeof(Elem<scalar_t>), R, buffers);
 }
 
 // FASTLSTM_CLUSTER_REGISTER_TILES caps the W tiles a warp holds in registers (a lower variant, for
@@ -718,7 +740,7 @@ ClusterPlan plan_for(int64_t H, int64_t B, int device, bool backward, int cap) {
     return p;
   }
   const size_t smem_max = prop->sharedMemPerBlockOptin, reserve = 1024;
-  const char* what = backward ? "W_hh's columns and two steps of gate gradients do not fit" : "W_hh does not fit";
+  const char* what = backward ? "W_hh's columns and a step of gate gradients do not fit" : "W_hh does not fit";
   const char* w_name = backward ? "W_hh's columns" : "W_hh";
   for (const int C : {16, 8}) {
     const int hb = static_cast<int>((H + C - 1) / C);
@@ -730,13 +752,17 @@ ClusterPlan plan_for(int64_t H, int64_t B, int device, bool backward, int cap) {
                  std::to_string(kVariants[0].cells * kThreads / 8);
       continue;
     }
-    // The first variant whose shared memory fits 8 batch rows.
+    // The first variant whose shared memory fits 8 batch rows, with two exchange buffers or one.
     const Variant* chosen = nullptr;
+    int buffers = 0;
     for (const Variant& v : order) {
-      if (layout_of<scalar_t>(backward, H, hb, 8, v.register_tiles).bytes + reserve <= smem_max) {
-        chosen = &v;
-        break;
+      for (const int b : {2, 1}) {
+        if (chosen == nullptr && layout_of<scalar_t>(backward, H, hb, 8, v.register_tiles, b).bytes + reserve <= smem_max) {
+          chosen = &v;
+          buffers = b;
+        }
       }
+      if (chosen != nullptr) break;
     }
     if (chosen == nullptr) {
       const Variant most_registers = *std::max_element(order.begin(), order.end(), [](Variant x, Variant y) {
@@ -744,7 +770,7 @@ ClusterPlan plan_for(int64_t H, int64_t B, int device, bool backward, int cap) {
       });
       const int R = std::min(most_registers.register_tiles, most);
       p.reason = std::string(what) + " on chip: a block of a " + std::to_string(C) + "-block cluster needs " +
-                 std::to_string(layout_of<scalar_t>(backward, H, hb, 8, R).bytes / 1024) +
+                 std::to_string(layout_of<scalar_t>(backward, H, hb, 8, R, 1).bytes / 1024) +
                  " KiB of shared memory for " + std::to_string(hb) + " hidden units with " + std::to_string(R) +
                  " of each warp's " + std::to_string(most) + " W tiles in registers, the device allows " +
                  std::to_string(smem_max / 1024) + " KiB";
@@ -754,7 +780,7 @@ ClusterPlan plan_for(int64_t H, int64_t B, int device, bool backward, int cap) {
     const int R = v.register_tiles;
     const KernelFn<scalar_t> kernel = kernel_for<scalar_t>(backward, v);
     set_attributes(kernel, device);
-    auto bytes = [&](int r) { return layout_of<scalar_t>(backward, H, hb, r, R).bytes; };
+    auto bytes = [&](int r) { return layout_of<scalar_t>(backward, H, hb, r, R, buffers).bytes; };
     const int resident = resident_clusters(kernel, C, bytes(8));
     if (resident == 0) {
       if (p.reason.empty()) p.reason = "the device cannot schedule a cluster of " + std::to_string(C) + " blocks";
@@ -775,17 +801,20 @@ ClusterPlan plan_for(int64_t H, int64_t B, int device, bool backward, int cap) {
     p.threads = kThreads;
     p.register_tiles = R;
     p.cells_per_thread = v.cells;
+    p.exchange_buffers = buffers;
     p.smem_bytes = bytes(rows);
     const std::string mma = std::string(kMmaInput<scalar_t> == MmaInput::TF32 ? "mma m16n8k8 tf32" : "mma m16n8k16") +
                             ", K in " + std::to_string(layout_of<scalar_t>(backward, H, hb, rows, R).split.ksplit) +
                             " ranges";
+    const std::string exchange = std::string(backward ? "dG_t" : "h_t") + " over DSMEM" +
+                                 (buffers == 1 ? " into one buffer, two cluster barriers per step"
+                                               : ", one cluster barrier per step");
     const std::string shape = std::to_string(p.clusters) + " clusters x " + std::to_string(C) + " blocks x " +
                               std::to_string(hb) + " hidden units, " + std::to_string(rows) +
                               " batch rows per cluster; " + where_w_lives(w_name, R, most);
-    p.reason = backward ? "cluster backward: " + shape + ", dG_t W_hh on tensor cores (" + mma +
-                              "), dG_t over DSMEM, one cluster barrier per step, no grid barrier"
-                        : "cluster: " + shape + ", gates on tensor cores (" + mma +
-                              "), h_t over DSMEM, one cluster barrier per step, no grid barrier";
+    p.reason = (backward ? "cluster backward: " + shape + ", dG_t W_hh on tensor cores ("
+                         : "cluster: " + shape + ", gates on tensor cores (") +
+               mma + "), " + exchange + ", no grid barrier";
     return p;
   }
   return p;
@@ -831,7 +860,7 @@ void launch(const ChunkRecurrenceArgs<scalar_t, acc_t>& a, bool backward) {
       cluster_config(plan.clusters, plan.cluster, plan.smem_bytes, at::cuda::getCurrentCUDAStream(), attr);
   const Variant v{plan.register_tiles, plan.cells_per_thread};
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel_for<scalar_t>(backward, v), a, plan.units_per_block,
-                                    plan.rows_per_cluster));
+                                    plan.rows_per_cluster, plan.exchange_buffers));
 }
 
 }  // namespace

@@ -23,6 +23,7 @@ struct ClusterPlan {
   int threads = 0;
   int register_tiles = 0;    // W tiles each warp holds in registers (the kernel variant: with
   int cells_per_thread = 0;  // the (unit, row) cell elements each thread owns)
+  int exchange_buffers = 0;  // h_t (dG_t) buffers: 2 (by step parity), or 1 and a second barrier per step
   size_t smem_bytes = 0;
 };
 

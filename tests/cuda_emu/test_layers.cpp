@@ -553,23 +553,50 @@ TEST(cluster_backward_options) {
   });
 }
 
-// Where the cluster backward's buffers (4H gate gradients per row) do not fit but the forward's
-// do, the persistent kernel runs the backward, and the reason says so.
-TEST(cluster_backward_falls_back_to_persistent) {
+// Where two steps of the exchanged operand do not fit beside W_hh, one buffer and a second
+// cluster barrier per step: the backward (two steps of 4H gate gradients per row; W_hh in
+// registers), with every backward option, and the forward (inference). Where one buffer does not
+// fit either, the persistent kernel runs the backward, and the reason says so.
+TEST(cluster_one_exchange_buffer_and_the_fallback) {
   DeviceLimits limits;
-  limits.set(16, 12 * 1024);
-  for_each_tensor_core_type([](Case& c) {
+  auto base = [](Case& c) {
     c.H = 64;
     c.B = 6;
     c.norms = true;
     c.packed = true;
+    c.reset = true;
     c.tbptt = 3;
+  };
+  limits.set(16, 12 * 1024);
+  for_each_tensor_core_type([&](Case& c) {
+    base(c);
+    c.clip = 0.05;
+    c.clip_mode = c.dtype == at::kHalf ? "gates" : "recurrent";
+    const fastlstm::cuda::ClusterPlan f = plan_of(c), b = plan_of(c, true);
+    EXPECT(f.ok && f.exchange_buffers == 2 && contains(f.reason, "h_t over DSMEM, one cluster barrier per step"),
+           f.reason);
+    EXPECT(b.ok && b.exchange_buffers == 1 &&
+               contains(b.reason, "dG_t over DSMEM into one buffer, two cluster barriers per step"),
+           b.reason);
+  }, {at::kBFloat16, at::kHalf});  // float32's buffers are twice as large: other sizes
+  limits.set(16, 4864);  // the forward's h: one buffer
+  for_each_tensor_core_type([&](Case& c) {
+    base(c);
+    c.checkpoint_every = fastlstm::kNoBackward;
+    const fastlstm::cuda::ClusterPlan f = plan_of(c);
+    EXPECT(f.ok && f.exchange_buffers == 1 &&
+               contains(f.reason, "h_t over DSMEM into one buffer, two cluster barriers per step"),
+           f.reason);
+  }, {at::kBFloat16, at::kHalf});
+  limits.set(16, 9 * 1024);
+  for_each_tensor_core_type([&](Case& c) {
+    base(c);
     EXPECT(plan_of(c).ok && !plan_of(c, true).ok, plan_of(c).reason + " / " + plan_of(c, true).reason);
     const auto [ok, reason] = fastlstm::cuda::cluster_support(c.H, c.B, c.dtype, 0, 0);
-    EXPECT(ok && contains(reason, "backward on the persistent kernel (the cluster backward: W_hh's columns and two "
-                                  "steps of gate gradients do not fit on chip"),
+    EXPECT(ok && contains(reason, "backward on the persistent kernel (the cluster backward: W_hh's columns and a "
+                                  "step of gate gradients do not fit on chip"),
            reason);
-  }, {at::kBFloat16, at::kHalf});  // float32's buffers are twice as large: other sizes
+  }, {at::kBFloat16, at::kHalf});
 }
 
 // float64, and float32 where TF32 is not allowed, run on the persistent kernel under backend
@@ -656,6 +683,31 @@ TEST(cluster_weights_in_registers_and_shared_memory) {
     const std::string why = refusal(c);
     EXPECT(contains(why, "FASTLSTM_CLUSTER_REGISTER_TILES must be a non-negative integer, got 'sixteen'"), why);
   }
+}
+
+// cuDNN's reference shape, H=768 in float16 and bfloat16, on an H100's limits (132 SMs, 227 KiB
+// of shared memory per block): W_hh does not fit 16 blocks' shared memory, registers and shared
+// memory together hold it, in the forward and in the backward (there with one dG_t buffer: two
+// steps of 4H gate gradients per row do not fit beside it).
+TEST(cluster_takes_the_reference_shape_h768) {
+  DeviceLimits limits;
+  limits.set(132, 227 * 1024);
+  for_each_tensor_core_type([](Case& c) {
+    c.H = 768;
+    c.I = 5;
+    c.B = 3;
+    c.T = 3;
+    c.packed = true;
+    c.reset = true;
+    c.norms = true;
+    for (const bool backward : {false, true}) {
+      const fastlstm::cuda::ClusterPlan p = plan_of(c, backward);
+      EXPECT(p.ok && p.cluster == 16 && p.units_per_block == 48 && p.register_tiles == 32 && p.cells_per_thread == 2 &&
+                 p.exchange_buffers == (backward ? 1 : 2) &&
+                 contains(p.reason, "in registers (32 tiles per warp) and shared memory (40)"),
+             p.reason);
+    }
+  }, {at::kBFloat16});  // the largest case: float16 shares bfloat16's code but the mma type
 }
 
 // A device that refuses non-portable cluster sizes: clusters of 8.
