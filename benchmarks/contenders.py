@@ -7,6 +7,7 @@ import copy
 import importlib
 import importlib.metadata
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastlstm
-from fastlstm import dispatch
+from fastlstm import directions, dispatch
 
 from configs import FWD, FWD_BWD_DX, Config, dtype_name
 from timing import Case, describe_error
@@ -114,7 +115,26 @@ def fastlstm_contenders(reference: nn.LSTM, x: Tensor) -> list[Contender]:
             contenders.append(Contender("fastlstm", backend, None, skipped=f"{backend}: {plan.reason}"))
             continue
         contenders.append(_module_contender("fastlstm", plan.backend, module, str(plan)))
+        if reference.bidirectional and directions.concurrent(x, backend):
+            contenders.append(_one_stream_contender(module, plan.backend, str(plan)))
     return contenders
+
+
+def _one_stream_contender(module: nn.Module, backend: str, plan: str) -> Contender:
+    """The same module with its two directions one after the other on one stream (the benefit
+    of fastlstm/directions.py is the difference)."""
+    two_streams = _module_contender("fastlstm", backend, module, plan)
+    assert two_streams.forward is not None
+
+    def forward(x: Tensor, lengths: Tensor | None) -> tuple[Tensor, ...]:
+        os.environ["FASTLSTM_CONCURRENT_DIRECTIONS"] = "0"
+        try:
+            return two_streams.forward(x, lengths)
+        finally:
+            del os.environ["FASTLSTM_CONCURRENT_DIRECTIONS"]
+
+    return Contender("fastlstm", f"{backend}, directions on one stream", forward, list(module.parameters()), [module],
+                     plan)
 
 
 def library_status() -> dict[str, str]:

@@ -352,6 +352,8 @@ def stage_emulator(run: Run) -> Outcome:
 # cuDNN's persistent-algorithm shape first (the published reference), then its standard path.
 BENCH_RUNS = [
     ("fp16-reference", ["--dtype", "fp16", "--B", "16"]),
+    # two directions on two streams against one stream (fastlstm/directions.py), cuDNN bidirectional
+    ("bf16-bidirectional", ["--dtype", "bf16", "--B", "16", "--bidirectional"]),
     ("fp16", ["--dtype", "fp16", "--B", "1", "64"]),
     ("bf16", ["--dtype", "bf16", "--B", "1", "16", "64"]),
     ("fp32", ["--dtype", "fp32", "--B", "1", "16", "64"]),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,7 +185,28 @@ def check(case: Case, dtype: torch.dtype, backends: list[str], device: str, seed
         detail = f"; over tolerance: {', '.join(failing)}" if len(failing) > 1 else ""
         lines.append((status, f"{status} {label}: max rel err {errors[worst]:.2e} ({worst}) tol {tolerance:.0e}, "
                               f"{len(errors)} tensors vs float64 {reference_name}{detail}"))
+        if case.bidirectional and device == "cuda" and backend in ("persistent", "cluster"):
+            lines.append(same_as_sequential(model, case, data, dtype, actual, label))
     return lines
+
+
+def same_as_sequential(model: nn.Module, case: Case, data: dict[str, Tensor], dtype: torch.dtype,
+                       concurrent: dict[str, Tensor], label: str) -> tuple[str, str]:
+    """The directions on two streams (fastlstm/directions.py) against one stream: the same kernels,
+    so the same results (bitwise, unless cuBLAS picks other algorithms per stream: then within the
+    dtype's tolerance)."""
+    os.environ["FASTLSTM_CONCURRENT_DIRECTIONS"] = "0"
+    try:
+        sequential = run_model(model, case, data, "cuda", dtype)
+    finally:
+        del os.environ["FASTLSTM_CONCURRENT_DIRECTIONS"]
+    differ = [name for name, t in sequential.items() if not torch.equal(t, concurrent[name])]
+    errors = relative_errors(concurrent, sequential)
+    worst = max(errors, key=errors.get)
+    status = "PASS" if errors[worst] <= TOLERANCE[dtype] else "FAIL"
+    detail = (f"{len(sequential)} tensors bitwise equal" if not differ
+              else f"{len(differ)} tensors differ, max rel diff {errors[worst]:.2e} ({worst})")
+    return status, f"{status} {label}: directions on two streams vs one stream: {detail}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _extension
+from . import _extension, directions
 
 
 @dataclass(frozen=True)
@@ -89,15 +89,17 @@ def plan(module: torch.nn.Module, input: torch.Tensor | PackedSequence, backend:
                                     getattr(module, "proj_size", 0))
     if requested == "stepwise":
         return Plan("stepwise", "requested: cuBLAS GEMM + fused cell kernel per step")
+    two_streams = ("; the two directions run concurrently, on two CUDA streams"
+                   if getattr(module, "bidirectional", False) and directions.concurrent(data, requested) else "")
     if requested == "persistent":
-        return Plan("persistent" if ok else "error", reason)
+        return Plan("persistent" if ok else "error", reason + (two_streams if ok else ""))
     if requested == "cluster":
         ok, reason = cluster_support(module.hidden_size, batch_size(module, input), data.dtype, device,
                                      getattr(module, "proj_size", 0))
         if not ok:
             return Plan("error", reason)
         fallback = cluster_fallback(module.hidden_size, batch_size(module, input), data.dtype, device)
-        return Plan("persistent" if fallback else "cluster", reason)
+        return Plan("persistent" if fallback else "cluster", reason + two_streams)
     return Plan("stepwise", "auto picks the stepwise kernels until the persistent kernel has been validated on a "
                             f"GPU (persistent: {reason})")
 

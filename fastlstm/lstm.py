@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import _extension
+from . import directions as directions_on_streams
 from .diagnostics import GradNorms
 from .ops import lstm_layer
 from .options import KernelOptions
@@ -350,20 +352,22 @@ class LSTM(nn.Module):
             self._norm_probe = probe
         h_n, c_n = [], []
         layer_input = x
+        concurrent = directions == 2 and directions_on_streams.concurrent(x, layer_options.backend)
         for layer in range(self.num_layers):
-            outputs = []
+            jobs, inputs = [], []
             for direction in range(directions):
                 index = layer * directions + direction
                 w = weights[index * per_layer:(index + 1) * per_layer]
-                w_ih, w_hh = w[0], w[1]
-                bias = w[2] + w[3] if self.bias else None
-                w_hr = w[-1] if self.proj_size > 0 else None
-                y, h, c = lstm_layer(layer_input, w_ih, w_hh, bias, w_hr, hx[0][index], hx[1][index], lengths,
-                                     reset, reverse=direction == 1, options=layer_options,
-                                     norm_probe=None if probe is None else probe[layer, direction])
-                outputs.append(y)
-                h_n.append(h)
-                c_n.append(c)
+                args = (layer_input, w[0], w[1], w[2] + w[3] if self.bias else None,
+                        w[-1] if self.proj_size > 0 else None, hx[0][index], hx[1][index], lengths, reset)
+                norm_probe = None if probe is None else probe[layer, direction]
+                jobs.append(functools.partial(lstm_layer, *args, reverse=direction == 1, options=layer_options,
+                                              norm_probe=norm_probe))
+                inputs += [*args, norm_probe]
+            results = directions_on_streams.run_both(*jobs, inputs) if concurrent else [job() for job in jobs]
+            outputs = [y for y, _, _ in results]
+            h_n += [h for _, h, _ in results]
+            c_n += [c for _, _, c in results]
             layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)

@@ -162,6 +162,42 @@ def test_runs_on_the_current_stream_without_host_syncs():
     assert torch.equal(y, expected)
 
 
+@pytest.mark.parametrize("backend", ["persistent", "cluster"])
+def test_bidirectional_directions_on_two_streams_match_one_stream(backend, monkeypatch):
+    """fastlstm/directions.py runs the reverse direction on a side stream (forward and backward):
+    the same kernels, so the same results as one stream, also when called from a non-default
+    stream, without host synchronisation."""
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(8, 40, num_layers=2, bidirectional=True, device="cuda", dtype=torch.float64,
+                          backend=backend)
+    x = torch.randn(30, 4, 8, device="cuda", dtype=torch.float64)
+    assert fastlstm.directions.concurrent(x, backend)
+    assert "the two directions run concurrently, on two CUDA streams" in fastlstm.explain(model, x)
+
+    def run():
+        leaf = x.clone().requires_grad_()
+        y, (h, c) = model(leaf)
+        (y.square().sum() + h.sum() + c.sum()).backward()
+        results = [y.detach(), h.detach(), c.detach(), leaf.grad] + [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return results
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.stream(stream):
+            two_streams = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.current_stream().wait_stream(stream)
+    monkeypatch.setenv("FASTLSTM_CONCURRENT_DIRECTIONS", "0")
+    assert not fastlstm.directions.concurrent(x, backend)
+    one_stream = run()
+    for a, b in zip(two_streams, one_stream):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_any_device_index():
     cpu = fastlstm.LSTM(5, 9, dtype=torch.float64)
