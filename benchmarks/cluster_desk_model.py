@@ -28,8 +28,9 @@ class Device:
     lds_bytes_per_clk: int = 128  # shared-memory bandwidth per SM
     mma_latency_clk: float = 35  # a dependent mma.sync m16n8k16 (two accumulator chains per warp)
     mma_issue_clk: float = 6  # one mma.sync per sub-partition's tensor core (about 60% of wgmma's peak)
-    dsmem_store_clk: float = 4  # one warp-wide store to a peer's shared memory (issue + fabric)
+    dsmem_store_clk: float = 4  # one warp-wide store instruction to peers' shared memory (issue + fabric)
     cell_us: float = 0.1  # the cell (and its backward) on a thread's elements, global stores included
+    block_sync_us: float = 0.02  # __syncthreads() before the slice is sent
     cluster_barrier_us: float = 0.3  # PERF.md's estimate
     second_barrier_us: float = 0.2  # one exchange buffer: the second barrier, partly overlapped
     gemm_tflops: float = 400  # cuBLAS on the input projection and weight gradients (skinny GEMMs)
@@ -140,9 +141,12 @@ def step_us(p: Plan, dev: Device) -> float:
     issue = max(sum(mma[w] for w in range(q, WARPS, 4)) for q in range(4)) * dev.mma_issue_clk
     lds = (sum(mma) * 256 + sum(shared) * 512) / dev.lds_bytes_per_clk
     products = max(latency, issue, lds) / (dev.ghz * 1e3)
-    elements = p.hb * p.rows
-    stores = math.ceil(elements / 32) * p.C  # one warp-wide store per peer and 32 elements
-    exchange = stores * dev.dsmem_store_clk / (dev.ghz * 1e3)
+    # send_to_peers: the block's slice of h_t (hb values per row) or dG_t (4 hb) to the C - 1 other
+    # blocks, in 16-byte pieces where the slice is 16-byte aligned, else one element per store.
+    values = (4 if L.backward else 1) * p.hb
+    per_row = values * L.eb // 16 if values * L.eb % 16 == 0 else values
+    stores = math.ceil((p.C - 1) * p.rows * per_row / 32)  # warp-wide store instructions
+    exchange = stores * dev.dsmem_store_clk / (dev.ghz * 1e3) + dev.block_sync_us
     barrier = dev.cluster_barrier_us + (dev.second_barrier_us if p.buffers == 1 else 0)
     return products + dev.cell_us + 0.02 * s.ksplit + exchange + barrier
 

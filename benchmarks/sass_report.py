@@ -4,7 +4,8 @@ Compiles csrc/cuda/lstm_cluster_cuda.cu for sm_90 with setup.py's flags plus `-X
 it with the cuobjdump shipped in the triton wheel, and prints one line per kernel variant: registers,
 stack and spills (ptxas), and the counts of the instructions the design depends on (SASS): the
 tensor-core HMMA, local-memory LDL/STL (spills), the cluster barrier's UCGABAR arrive/wait, shared
-loads (LDS.128: packed W fragments; LDS: h / dG fragments), DSMEM stores (generic ST.E*).
+loads (LDS.128: packed W fragments; LDS: h / dG fragments), DSMEM stores (generic ST.E*: 16-byte
+pieces are ST.E.128).
 
     python benchmarks/sass_report.py > benchmarks/results/ptxas-cluster-sm_90-<date>.txt
 """
@@ -82,7 +83,7 @@ def main() -> None:
             for key in ("HMMA", "LDL", "STL", "UCGABAR_ARV", "UCGABAR_WAIT", "BAR.SYNC", "SHFL"):
                 if op.startswith(key):
                     counts[current][key] += 1
-            if op in ("LDS.128", "LDS", "LDS.64", "ST.E.U16", "ST.E", "ST.E.64"):
+            if op in ("LDS.128", "LDS", "LDS.64", "ST.E.U16", "ST.E", "ST.E.64", "ST.E.128"):
                 counts[current][op] += 1
             if op.startswith("HMMA"):
                 counts[current]["hmma_kind:" + op] += 1
@@ -96,7 +97,7 @@ def main() -> None:
         sass_part = (f"HMMA x{c['HMMA']} ({kinds}), LDL/STL {c['LDL'] + c['STL']}, "
                      f"UCGABAR_ARV x{c['UCGABAR_ARV']} / UCGABAR_WAIT x{c['UCGABAR_WAIT']}, BAR.SYNC x{c['BAR.SYNC']}, "
                      f"LDS.128 x{c['LDS.128']} LDS x{c['LDS']} LDS.64 x{c['LDS.64']}, ST.E.U16 x{c['ST.E.U16']} "
-                     f"ST.E x{c['ST.E']} ST.E.64 x{c['ST.E.64']}, SHFL x{c['SHFL']}")
+                     f"ST.E x{c['ST.E']} ST.E.64 x{c['ST.E.64']} ST.E.128 x{c['ST.E.128']}, SHFL x{c['SHFL']}")
         print(f"{readable(name)} | {ptxas[name].strip('; ')} | {sass_part}")
 
 

@@ -18,7 +18,8 @@
 //      during the previous step's barrier) + pre, c carried in registers from step to step;
 //      gates, c, y (and r) written exactly as the persistent kernel writes them;
 //   3. h_t (the carried state: h on live rows, h_{t-1} on padded ones, zero before a reset)
-//      stored into every block's shared memory over DSMEM, into the buffer of the next step's parity;
+//      stored into the block's own buffer of the next step's parity, then copied from there into
+//      every other block's over DSMEM (send_to_peers: 16-byte stores);
 //   4. one cluster barrier, split: arrive, load the next step's Gx + bias, wait.
 // Double-buffering h by step parity makes one barrier per step enough: a block writes a peer's
 // buffer for step t + 1 only after the barrier that ends step t, which the peer reaches after its
@@ -254,6 +255,34 @@ __device__ __forceinline__ void store4(E* dst, const E (&v)[4]) {
   }
 }
 
+// Sends rows x [col0, col0 + cols) of this block's row-major shared buffer (ld elements per row,
+// rows 16-byte aligned) to the same place in every other block of the cluster: 16-byte pieces
+// where the segment starts 16-byte aligned, single elements for the rest. One DSMEM store per
+// 16 bytes instead of one per element (a unit's value, or its four gate gradients).
+template <class E>
+__device__ __forceinline__ void send_to_peers(const cg::cluster_group& cluster, E* buf, int rows, int ld, int col0,
+                                              int cols) {
+  struct alignas(16) Piece {
+    uint32_t w[4];
+  };
+  constexpr int kPer = 16 / sizeof(E);
+  const int C = static_cast<int>(cluster.num_blocks()), me = static_cast<int>(cluster.block_rank());
+  const int pieces = col0 % kPer == 0 ? cols / kPer : 0, per_row = pieces + cols - pieces * kPer;
+  const int per_peer = rows * per_row;
+  for (int i = static_cast<int>(threadIdx.x); i < (C - 1) * per_peer; i += kThreads) {
+    const int p = i / per_peer, n = (i - p * per_peer) / per_row, c = i - p * per_peer - n * per_row;
+    const unsigned peer = static_cast<unsigned>(p + (p >= me));
+    E* row = buf + n * ld + col0;
+    if (c < pieces) {
+      Piece* src = reinterpret_cast<Piece*>(row) + c;
+      *cluster.map_shared_rank(src, peer) = *src;
+    } else {
+      E* src = row + pieces * kPer + (c - pieces);
+      *cluster.map_shared_rank(src, peer) = *src;
+    }
+  }
+}
+
 // What a block of a cluster owns, units [u0, u0 + units) of every gate and batch rows
 // [b0, b0 + rows), and this thread's fixed cell elements in it: element k is (row n[k], unit
 // j[k]), consecutive threads on consecutive units (coalesced stores), mine[k] where it exists.
@@ -404,13 +433,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         h_reg[k] = hs;
       }
     }
-    if (buffers == 1) cluster.barrier_wait();
+    // h_t into this block's buffer of the next step, then from there to every peer's (with one
+    // buffer, once every block has read its own).
 #pragma unroll
     for (int k = 0; k < Cells; ++k) {
-      if (!el.mine[k]) continue;
-      const E carried = encode(h_reg[k]);
-      for (int r = 0; r < C; ++r) cluster.map_shared_rank(hnext, r)[el.n[k] * L.ldb + el.j[k]] = carried;
+      if (el.mine[k]) hnext[el.n[k] * L.ldb + el.j[k]] = encode(h_reg[k]);
     }
+    __syncthreads();
+    if (buffers == 1) cluster.barrier_wait();
+    send_to_peers(cluster, hnext, rows, L.ldb, u0, units);
 
     // 4. The step's barrier; the next step's inputs load while the other blocks arrive.
     cluster.barrier_arrive();
@@ -548,15 +579,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         sum_c += dct * dct;
       }
     }
-    // One dG buffer: the previous step's products have read it in every block.
-    if (buffers == 1 && i != a.n - 1) cluster.barrier_wait();
+    // dG_t into this block's buffer (8-byte stores: ldb and the buffer offsets are multiples of 16
+    // bytes), then from there to every peer's (with one buffer, once the previous step's products
+    // have read theirs).
 #pragma unroll
     for (int k = 0; k < Cells; ++k) {
-      if (!el.mine[k]) continue;
-      // Aligned: ldb and the buffer offsets are multiples of 16 bytes.
-      E* to = dg_step + el.n[k] * L.ldb + 4 * el.j[k];
-      for (int r = 0; r < C; ++r) store4(cluster.map_shared_rank(to, r), sent[k]);
+      if (el.mine[k]) store4(dg_step + el.n[k] * L.ldb + 4 * el.j[k], sent[k]);
     }
+    __syncthreads();
+    if (buffers == 1 && i != a.n - 1) cluster.barrier_wait();
+    send_to_peers(cluster, dg_step, el.rows, L.ldb, 4 * u0, 4 * units);
     if (a.norm_partial) {
       sum_h = warp_sum(sum_h);
       sum_c = warp_sum(sum_c);

@@ -449,6 +449,17 @@ TEST(cluster_plain_packed_reverse) {
     c.reverse = true;
     c.seed = 6;
   });
+  // 8 units per block: h_t and dG_t cross the cluster in 16-byte pieces; the last block's 4 units
+  // (H = 124) as single elements.
+  for_each_tensor_core_type([](Case& c) {
+    c.H = 124;
+    c.B = 9;
+    c.T = 4;
+    c.packed = true;
+    c.norms = true;
+    c.seed = 8;
+    EXPECT(plan_of(c).units_per_block == 8, plan_of(c).reason);
+  });
 }
 
 TEST(cluster_checkpointing_and_inference_chunks) {
