@@ -45,24 +45,31 @@ def round_up(n: int, m: int) -> int:
 
 @dataclass(frozen=True)
 class Split:
-    """TileSplit: every band's K cut into ksplit ranges, the (band, range) items dealt to the warps."""
+    """TileSplit: the bands in groups of G, every group's K cut into ksplit ranges, the (group, range)
+    items dealt to the warps; G slots per k tile (the bottom group may leave some empty)."""
 
+    G: int
     mtiles: int
     ktiles: int
     ksplit: int = 0
 
+    @property
+    def groups(self) -> int:
+        return math.ceil(self.mtiles / self.G)
+
     @staticmethod
-    def of(mtiles: int, ktiles: int) -> Split:
-        best = Split(mtiles, ktiles, 1)
+    def of(G: int, mtiles: int, ktiles: int) -> Split:
+        best = Split(G, mtiles, ktiles, 1)
         for s in range(2, min(WARPS, ktiles) + 1):
-            if Split(mtiles, ktiles, s).most() < best.most():
-                best = Split(mtiles, ktiles, s)
+            if Split(G, mtiles, ktiles, s).most() < best.most():
+                best = Split(G, mtiles, ktiles, s)
         return best
 
     def tiles_of(self, warp: int) -> int:
+        """Slots: G per k tile of the warp's items."""
         begin = lambda r: r * self.ktiles // self.ksplit  # noqa: E731
-        return sum(begin(i // self.mtiles + 1) - begin(i // self.mtiles)
-                   for i in range(warp, self.mtiles * self.ksplit, WARPS))
+        return sum(self.G * (begin(i // self.groups + 1) - begin(i // self.groups))
+                   for i in range(warp, self.groups * self.ksplit, WARPS))
 
     def most(self) -> int:
         return max(self.tiles_of(w) for w in range(WARPS))
@@ -82,7 +89,7 @@ class Layout:
     def split(self) -> Split:
         Mp = round_up(self.hb if self.backward else 4 * self.hb, 16)
         Kp = round_up(4 * self.H if self.backward else self.H, 16)
-        return Split.of(Mp // 16, Kp // (32 // self.eb))
+        return Split.of(1 if self.backward else 2, Mp // 16, Kp // (32 // self.eb))  # bands_per_item
 
     @property
     def bytes(self) -> int:
@@ -90,7 +97,7 @@ class Layout:
         Kp = round_up(4 * self.H if self.backward else self.H, 16)
         a16 = lambda n: round_up(n, 16)  # noqa: E731
         s = self.split
-        w = a16(512 * WARPS * max(0, s.most() - self.R))
+        w = a16(512 * WARPS * max(0, s.most() - self.R // s.G * s.G))
         b = a16(self.eb * self.buffers * self.rows * (Kp + 16 // self.eb))
         part = a16(4 * s.ksplit * self.rows * (Mp + 4))
         return w + b + part + (a16(4 * 2 * WARPS * 2) if self.backward else 0)
@@ -135,11 +142,11 @@ def step_us(p: Plan, dev: Device) -> float:
     """One step of one cluster: the products, the cell, the exchange over DSMEM, the barrier(s)."""
     L, s = p.layout, p.layout.split
     ntiles = p.rows // 8
-    mma = [s.tiles_of(w) * ntiles for w in range(WARPS)]
-    shared = [max(0, s.tiles_of(w) - p.R) * ntiles for w in range(WARPS)]
-    latency = max(mma) * dev.mma_latency_clk / 2
+    mma = [s.tiles_of(w) * ntiles for w in range(WARPS)]  # empty slots counted: an overestimate
+    shared = [max(0, s.tiles_of(w) - p.R // s.G * s.G) * ntiles for w in range(WARPS)]
+    latency = max(mma) * dev.mma_latency_clk / 2  # two independent chains: alternate k tiles or bands
     issue = max(sum(mma[w] for w in range(q, WARPS, 4)) for q in range(4)) * dev.mma_issue_clk
-    lds = (sum(mma) * 256 + sum(shared) * 512) / dev.lds_bytes_per_clk
+    lds = (sum(mma) // s.G * 256 + sum(shared) * 512) / dev.lds_bytes_per_clk  # a B fragment per k tile
     products = max(latency, issue, lds) / (dev.ghz * 1e3)
     # send_to_peers: the block's slice of h_t (hb values per row) or dG_t (4 hb) to the C - 1 other
     # blocks, in 16-byte pieces where the slice is 16-byte aligned, else one element per store.

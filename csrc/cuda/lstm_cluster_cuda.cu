@@ -74,21 +74,24 @@ struct Variant {
 constexpr Variant kVariants[] = {{0, 4}, {16, 4}, {32, 2}, {40, 1}};
 
 // How a block's W operand, mtiles bands of 16 rows by ktiles k tiles, is split over its warps so
-// that each tile has one owner for the whole launch: every band's K is cut into ksplit ranges and
-// the (band, range) items are dealt round-robin, item id = band + mtiles * range to warp
-// id % kWarps. A warp walks its items in order and does all of their tiles for every batch tile
-// (its A tiles never move); the partial sums of the ksplit ranges are added in a fixed order by
-// the cell (deterministic). Its first R tiles on the walk live in registers, the others in its
-// region of shared memory, in walk order. ksplit is the smallest that deals the fewest tiles to
-// the busiest warp.
+// that each tile has one owner for the whole launch: the bands are taken in groups of G, every
+// group's K is cut into ksplit ranges, and the (group, range) items are dealt round-robin, item
+// id = group + groups * range to warp id % kWarps. A warp walks its items in order, k tile after k
+// tile, and at each k tile multiplies the B fragment it loads once by the group's G A tiles (its
+// A tiles never move; each B fragment serves G bands). Its walk has G slots per k tile (a group
+// at the bottom edge may leave some empty): the first R slots live in registers, the others in
+// its region of shared memory, in walk order. The partial sums of the ksplit ranges are added in
+// a fixed order by the cell (deterministic). ksplit is the smallest that deals the fewest slots
+// to the busiest warp.
 struct TileSplit {
-  int mtiles, ktiles, ksplit;
-  __host__ __device__ TileSplit(int mtiles_, int ktiles_) : mtiles(mtiles_), ktiles(ktiles_), ksplit(1) {
-    int best = most_tiles();
+  int G, mtiles, groups, ktiles, ksplit;
+  __host__ __device__ TileSplit(int G_, int mtiles_, int ktiles_)
+      : G(G_), mtiles(mtiles_), groups((mtiles_ + G_ - 1) / G_), ktiles(ktiles_), ksplit(1) {
+    int best = most_slots();
     for (int s = 2; s <= kWarps && s <= ktiles; ++s) {
       const int keep = ksplit;
       ksplit = s;
-      const int m = most_tiles();
+      const int m = most_slots();
       if (m < best) {
         best = m;
       } else {
@@ -97,35 +100,40 @@ struct TileSplit {
     }
   }
   __host__ __device__ int k_begin(int range) const { return range * ktiles / ksplit; }
-  __host__ __device__ int tiles_of(int warp) const {
+  __host__ __device__ int slots_of(int warp) const {
     int n = 0;
-    for (int id = warp; id < mtiles * ksplit; id += kWarps) n += k_begin(id / mtiles + 1) - k_begin(id / mtiles);
+    for (int id = warp; id < groups * ksplit; id += kWarps) n += G * (k_begin(id / groups + 1) - k_begin(id / groups));
     return n;
   }
-  __host__ __device__ int most_tiles() const {
+  __host__ __device__ int most_slots() const {
     int m = 0;
-    for (int w = 0; w < kWarps; ++w) m = tiles_of(w) > m ? tiles_of(w) : m;
+    for (int w = 0; w < kWarps; ++w) m = slots_of(w) > m ? slots_of(w) : m;
     return m;
   }
-  // Tiles per warp in shared memory when R are in registers.
-  __host__ __device__ int shared_tiles(int R) const { return most_tiles() > R ? most_tiles() - R : 0; }
+  // Slots per warp in shared memory when R are in registers (whole k tiles of G slots).
+  __host__ __device__ int shared_slots(int R) const {
+    const int in_registers = R / G * G;
+    return most_slots() > in_registers ? most_slots() - in_registers : 0;
+  }
 };
 
-// A warp's walk over its tiles: band mt, k range ks, k tile kt of it.
+// A warp's walk over its items: group `group` (bands [G * group, G * group + bands)), k range ks,
+// k tile kt of it.
 struct TileCursor {
-  int id, mt, ks, kt, kend;
+  int id, group, bands, ks, kt, kend;
   __device__ TileCursor(const TileSplit& s, int warp) : id(warp) { enter(s); }
   __device__ void enter(const TileSplit& s) {
-    mt = id % s.mtiles;
-    ks = id / s.mtiles;
+    group = id % s.groups;
+    bands = s.mtiles - s.G * group < s.G ? s.mtiles - s.G * group : s.G;
+    ks = id / s.groups;
     kt = s.k_begin(ks);
     kend = s.k_begin(ks + 1);
   }
-  // To the next tile; true where that ends an item (its partial sum is complete).
+  // To the next k tile; true where that ends an item (its partial sums are complete).
   __device__ bool next(const TileSplit& s) {
     if (++kt < kend) return false;
     id += kWarps;
-    if (id < s.mtiles * s.ksplit) enter(s);
+    if (id < s.groups * s.ksplit) enter(s);
     return true;
   }
 };
@@ -140,15 +148,20 @@ struct TileCursor {
 //             free): a thread's four gate gradients are then adjacent, one 8-byte DSMEM store per peer.
 // The B operand has one buffer per step parity (buffers = 2), or one buffer (1, where two do not
 // fit) and a second split cluster barrier per step (see the kernels).
+// Bands per item (TileSplit): the forward's 4 hb gate rows make several bands whose products
+// share each h fragment; the backward's hb units are few bands (one up to 16 units), so its items
+// stay single bands.
+__host__ __device__ constexpr int bands_per_item(bool backward) { return backward ? 1 : 2; }
+
 struct BlockLayout {
   int Mp, Kp, ldb, ldp;
   TileSplit split;
   size_t b_off, part_off, norm_off, bytes;
   __host__ __device__ BlockLayout(bool backward, int H, int hb, int Np, int eb, int R, int buffers)  // eb: bytes per element
       : Mp(round_up(backward ? hb : 4 * hb, 16)), Kp(round_up(backward ? 4 * H : H, 16)), ldb(Kp + pad_elems(eb)),
-        ldp(Mp + 4), split(Mp / 16, Kp / (32 / eb)) {
+        ldp(Mp + 4), split(bands_per_item(backward), Mp / 16, Kp / (32 / eb)) {
     const size_t tile_bytes = size_t(eb) * 16 * (32 / eb);
-    b_off = align16(tile_bytes * kWarps * split.shared_tiles(R));
+    b_off = align16(tile_bytes * kWarps * split.shared_slots(R));
     part_off = b_off + align16(size_t(eb) * buffers * Np * ldb);
     norm_off = part_off + align16(sizeof(float) * split.ksplit * Np * ldp);
     bytes = norm_off + (backward ? align16(sizeof(float) * 2 * kWarps * 2) : 0);  // (parity, warp, h and c)
@@ -175,69 +188,98 @@ __device__ __forceinline__ Elem<S> encode(S v) {
   }
 }
 
-// The warp's W tiles, gathered once from global memory: its first R in registers, the rest into
-// its shared-memory region (one 16-byte fragment per lane). elem(row, col): the A operand's
-// element as TC::Elem, zero where padded.
-template <class TC, int R, class F>
+// The warp's W tiles, gathered once from global memory: the slots of its first R / G k tiles in
+// registers, the rest into its shared-memory region (one 16-byte fragment per lane). elem(row,
+// col): the A operand's element as TC::Elem, zero where padded. Empty slots hold zeros, unread.
+template <class TC, int G, int R, class F>
 __device__ __forceinline__ void gather_tiles(const TileSplit& s, FragmentA (&regs)[R > 0 ? R : 1],
-                                             FragmentA* shared, int count, F elem) {
+                                             FragmentA* shared, int slots, F elem) {
+  constexpr int kSteps = R / G;
+  const int steps = slots / G;
   TileCursor cur(s, static_cast<int>(threadIdx.x) / 32);
-  auto tile = [&] {
-    const int r0 = cur.mt * 16, c0 = cur.kt * TC::kK;
+  auto tile = [&](int b) {
+    if (b >= cur.bands) return FragmentA{};
+    const int r0 = (cur.group * G + b) * 16, c0 = cur.kt * TC::kK;
     return TC::gather_a([&](int i, int c) { return elem(r0 + i, c0 + c); });
   };
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    regs[r] = FragmentA{};
-    if (r < count) {
-      regs[r] = tile();
+  for (int r = 0; r < (R > 0 ? R : 1); ++r) regs[r] = FragmentA{};
+#pragma unroll
+  for (int st = 0; st < kSteps; ++st) {
+    if (st < steps) {
+#pragma unroll
+      for (int b = 0; b < G; ++b) regs[st * G + b] = tile(b);
       cur.next(s);
     }
   }
-  for (int p = R; p < count; ++p) {
-    shared[(p - R) * 32 + threadIdx.x % 32] = tile();
+  for (int st = kSteps; st < steps; ++st) {
+    for (int b = 0; b < G; ++b) shared[((st - kSteps) * G + b) * 32 + threadIdx.x % 32] = tile(b);
     cur.next(s);
   }
 }
 
 // This warp's products A B for every batch tile: A its tiles (registers, then shared memory), B
-// the (Np x Kp) operand rows in shared memory. The partial sum of item (mt, ks) and batch tile nt
-// goes to part[ks][n][m], transposed (row-major in the batch row: the cell reads consecutive m).
-// Two accumulators (alternate tiles) halve the chain of dependent mma instructions.
-template <class TC, int R>
+// the (Np x Kp) operand rows in shared memory, each B fragment loaded once per k tile for the
+// group's G bands. The partial sum of item (group, ks), band b and batch tile nt goes to
+// part[ks][n][m], transposed (row-major in the batch row: the cell reads consecutive m). With
+// G = 1, two accumulators (alternate k tiles) halve the chain of dependent mma instructions; with
+// more, the bands' accumulators are the independent chains.
+template <class TC, int G, int R>
 __device__ __forceinline__ void warp_products(const TileSplit& s, const FragmentA (&regs)[R > 0 ? R : 1],
-                                              const FragmentA* shared, int count, const typename TC::Elem* b,
+                                              const FragmentA* shared, int slots, const typename TC::Elem* b,
                                               int ldb, int ntiles, float* part, int Np, int ldp) {
+  constexpr int kChains = G == 1 ? 2 : 1, kSteps = R / G;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int steps = slots / G;
   for (int nt = 0; nt < ntiles; ++nt) {
     const typename TC::Elem* b_tile = b + nt * 8 * ldb;
     TileCursor cur(s, warp);
-    FragmentC even = {}, odd = {};
+    FragmentC acc[kChains * G] = {};
+    // After the k tile's products: the item's partial sums out where it ends.
     auto advance = [&] {
-      const int mt = cur.mt, ks = cur.ks;
+      const int group = cur.group, bands = cur.bands, ks = cur.ks;
       if (!cur.next(s)) return;
       float* p = part + ks * Np * ldp;
-      const int m = mt * 16 + lane / 4, n = nt * 8 + 2 * (lane % 4);
-      p[n * ldp + m] = even.reg[0] + odd.reg[0];
-      p[(n + 1) * ldp + m] = even.reg[1] + odd.reg[1];
-      p[n * ldp + m + 8] = even.reg[2] + odd.reg[2];
-      p[(n + 1) * ldp + m + 8] = even.reg[3] + odd.reg[3];
-      even = {};
-      odd = {};
+      const int n = nt * 8 + 2 * (lane % 4);
+#pragma unroll
+      for (int band = 0; band < G; ++band) {
+        if (band < bands) {
+          float v[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            v[i] = acc[band].reg[i];
+            if constexpr (kChains == 2) v[i] += acc[G + band].reg[i];
+          }
+          const int m = (group * G + band) * 16 + lane / 4;
+          p[n * ldp + m] = v[0];
+          p[(n + 1) * ldp + m] = v[1];
+          p[n * ldp + m + 8] = v[2];
+          p[(n + 1) * ldp + m + 8] = v[3];
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kChains * G; ++i) acc[i] = FragmentC{};
+    };
+    // One k tile: B once, the group's bands (warp-uniform guards: the warp stays converged).
+    auto step = [&](int chain, auto a_of) {
+      const FragmentB fb = TC::load_b(b_tile + cur.kt * TC::kK, ldb);
+#pragma unroll
+      for (int band = 0; band < G; ++band) {
+        if (band < cur.bands) TC::multiply_add(acc[chain * G + band], a_of(band), fb);
+      }
+      advance();
     };
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (r < count) {  // warp-uniform: the warp stays converged for the mma
-        TC::multiply_add(r % 2 ? odd : even, regs[r], b_tile + cur.kt * TC::kK, ldb);
-        advance();
-      }
+    for (int st = 0; st < kSteps; ++st) {
+      if (st < steps) step(st % kChains, [&](int band) -> const FragmentA& { return regs[st * G + band]; });
     }
-    for (int p = R; p < count; p += 2) {
-      TC::multiply_add(even, load_packed_a(shared + (p - R) * 32), b_tile + cur.kt * TC::kK, ldb);
-      advance();
-      if (p + 1 < count) {
-        TC::multiply_add(odd, load_packed_a(shared + (p + 1 - R) * 32), b_tile + cur.kt * TC::kK, ldb);
-        advance();
+    for (int st = kSteps; st < steps; st += kChains) {
+#pragma unroll
+      for (int c = 0; c < kChains; ++c) {
+        if (st + c < steps) {
+          const FragmentA* at = shared + (st + c - kSteps) * G * 32;
+          step(c, [&](int band) { return load_packed_a(at + band * 32); });
+        }
       }
     }
   }
@@ -351,10 +393,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
   // This warp's W tiles: A row q * hb + u is W_hh[q * H + u0 + u, :].
-  const int count = L.split.tiles_of(warp);
-  FragmentA* w_shared = reinterpret_cast<FragmentA*>(smem) + warp * L.split.shared_tiles(R) * 32;
+  constexpr int kBands = bands_per_item(false);
+  const int slots = L.split.slots_of(warp);
+  FragmentA* w_shared = reinterpret_cast<FragmentA*>(smem) + warp * L.split.shared_slots(R) * 32;
   FragmentA w_regs[R > 0 ? R : 1];
-  gather_tiles<TC, R>(L.split, w_regs, w_shared, count, [&](int row, int k) -> E {
+  gather_tiles<TC, kBands, R>(L.split, w_regs, w_shared, slots, [&](int row, int k) -> E {
     const int q = row / hb, u = row - q * hb;
     return q < 4 && u < units && k < H ? encode(a.w_hh[static_cast<int64_t>(q * H + u0 + u) * H + k]) : E(0);
   });
@@ -385,7 +428,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     E* hnext = hbuf + ((i + 1) % buffers) * Np * L.ldb;
 
     // 1. The gate pre-activations' recurrent part on the tensor cores.
-    warp_products<TC, R>(L.split, w_regs, w_shared, count, hcur, L.ldb, Np / 8, part, Np, L.ldp);
+    warp_products<TC, kBands, R>(L.split, w_regs, w_shared, slots, hcur, L.ldb, Np / 8, part, Np, L.ldp);
     __syncthreads();
     // One h buffer: the peers may overwrite it once every block has read it (waited for below).
     if (buffers == 1) cluster.barrier_arrive();
@@ -513,10 +556,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
   // This warp's W tiles: A[u][4 j + q] = W_hh[q H + j, u0 + u].
-  const int count = L.split.tiles_of(warp);
-  FragmentA* w_shared = reinterpret_cast<FragmentA*>(smem) + warp * L.split.shared_tiles(R) * 32;
+  constexpr int kBands = bands_per_item(true);
+  const int slots = L.split.slots_of(warp);
+  FragmentA* w_shared = reinterpret_cast<FragmentA*>(smem) + warp * L.split.shared_slots(R) * 32;
   FragmentA w_regs[R > 0 ? R : 1];
-  gather_tiles<TC, R>(L.split, w_regs, w_shared, count, [&](int u, int k) -> E {
+  gather_tiles<TC, kBands, R>(L.split, w_regs, w_shared, slots, [&](int u, int k) -> E {
     const int j = k / 4, q = k - 4 * j;
     return u < units && k < G ? encode(a.w_hh[static_cast<int64_t>(q * H + j) * H + u0 + u]) : E(0);
   });
@@ -615,7 +659,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 
     // 3. dG_t W_hh[:, own units] on the tensor cores.
-    warp_products<TC, R>(L.split, w_regs, w_shared, count, dg_step, L.ldb, Np / 8, part, Np, L.ldp);
+    warp_products<TC, kBands, R>(L.split, w_regs, w_shared, slots, dg_step, L.ldb, Np / 8, part, Np, L.ldp);
     __syncthreads();
     // One dG buffer: the peers may overwrite it once every block has read it (waited for before
     // the next step's stores).
@@ -776,7 +820,7 @@ ClusterPlan plan_for(int64_t H, int64_t B, int device, bool backward, int cap) {
   const char* w_name = backward ? "W_hh's columns" : "W_hh";
   for (const int C : {16, 8}) {
     const int hb = static_cast<int>((H + C - 1) / C);
-    const int most = layout_of<scalar_t>(backward, H, hb, 8, 0).split.most_tiles();
+    const int most = layout_of<scalar_t>(backward, H, hb, 8, 0).split.most_slots();
     const std::vector<Variant> order = variants_to_try<scalar_t>(backward, most, hb, cap);
     if (order.empty()) {
       p.reason = "hidden_size " + std::to_string(H) + " is too large for the cluster kernel: " + std::to_string(hb) +

@@ -180,8 +180,9 @@ __device__ __forceinline__ FragmentB load_fragment_b(const uint32_t* b, int ldb)
 }
 
 // One k tile of a product for each input type: its element (the bits in memory), its K, the
-// packed A tile's size and layout, A fragments gathered from any layout, and
-// d += A[16 x K] B[K x 8] (A a fragment: held in registers or loaded from a packed tile; B as above).
+// packed A tile's size and layout, A fragments gathered from any layout, the B fragment loader, and
+// d += A[16 x K] B[K x 8] (fragments: A held in registers or loaded from a packed tile, B loaded
+// once for every A it multiplies).
 template <MmaInput In>
 struct TensorCore {
   using Elem = uint16_t;
@@ -204,8 +205,9 @@ struct TensorCore {
     }
     return a;
   }
-  __device__ __forceinline__ static void multiply_add(FragmentC& d, const FragmentA& a, const Elem* b, int ldb) {
-    mma_m16n8k16<In>(d, a, load_fragment_b(b, ldb), d);
+  __device__ __forceinline__ static FragmentB load_b(const Elem* b, int ldb) { return load_fragment_b(b, ldb); }
+  __device__ __forceinline__ static void multiply_add(FragmentC& d, const FragmentA& a, const FragmentB& b) {
+    mma_m16n8k16<In>(d, a, b, d);
   }
 };
 
@@ -226,8 +228,9 @@ struct TensorCore<MmaInput::TF32> {
     for (int r = 0; r < 4; ++r) a.reg[r] = elem(i + 8 * (r & 1), c + 4 * (r >> 1));
     return a;
   }
-  __device__ __forceinline__ static void multiply_add(FragmentC& d, const FragmentA& a, const Elem* b, int ldb) {
-    mma_m16n8k8_tf32(d, a, load_fragment_b(b, ldb), d);
+  __device__ __forceinline__ static FragmentB load_b(const Elem* b, int ldb) { return load_fragment_b(b, ldb); }
+  __device__ __forceinline__ static void multiply_add(FragmentC& d, const FragmentA& a, const FragmentB& b) {
+    mma_m16n8k8_tf32(d, a, b, d);
   }
 };
 

@@ -360,9 +360,9 @@ __global__ void mma_kernel(const typename fastlstm::cuda::TensorCore<In>::Elem* 
   fd.reg[3] = c[(g + 8) * 8 + 2 * q + 1];
   if (a_rows) {
     const FragmentA fa = TensorCore<In>::gather_a([&](int i, int k) { return a_rows[i * K + k]; });
-    TensorCore<In>::multiply_add(fd, fa, b_cols, K);
+    TensorCore<In>::multiply_add(fd, fa, TensorCore<In>::load_b(b_cols, K));
   } else {
-    TensorCore<In>::multiply_add(fd, load_packed_a(a), b_cols, K);
+    TensorCore<In>::multiply_add(fd, load_packed_a(a), TensorCore<In>::load_b(b_cols, K));
   }
   store_fragment_c(fd, d, 8);
 }
