@@ -138,21 +138,21 @@ struct TileCursor {
   }
 };
 
-// One block's shared memory, from the plan's numbers (the host sizes it, the kernel carves it):
-// the warps' W tiles beyond their R register tiles, the B operand of two steps (h_{t-1} in the
-// forward, dG_t in the backward; by step parity), the products' partial sums, and in the backward
-// the norm partials.
-//   forward:  A = W_hh's rows of the block's units (M = 4 gates x hb, padded to 16), K = H;
-//   backward: A = W_hh's columns of the block's units (M = hb, padded to 16), K = all 4H gate
-//             columns, ordered unit-major, k = 4 j + q for gate q of unit j (a sum's order is
-//             free): a thread's four gate gradients are then adjacent, one 8-byte DSMEM store per peer.
-// The B operand has one buffer per step parity (buffers = 2), or one buffer (1, where two do not
-// fit) and a second split cluster barrier per step (see the kernels).
 // Bands per item (TileSplit): the forward's 4 hb gate rows make several bands whose products
 // share each h fragment; the backward's hb units are few bands (one up to 16 units), so its items
 // stay single bands.
 __host__ __device__ constexpr int bands_per_item(bool backward) { return backward ? 1 : 2; }
 
+// One block's shared memory, from the plan's numbers (the host sizes it, the kernel carves it):
+// the warps' W tiles beyond their register tiles, the B operand (h_{t-1} in the forward, dG_t in
+// the backward), the products' partial sums, and in the backward the norm partials.
+//   forward:  A = W_hh's rows of the block's units (M = 4 gates x hb, padded to 16), K = H;
+//   backward: A = W_hh's columns of the block's units (M = hb, padded to 16), K = all 4H gate
+//             columns, ordered unit-major, k = 4 j + q for gate q of unit j (a sum's order is
+//             free): a thread's four gate gradients are then adjacent (one 8-byte store), and a
+//             block's slice of a row is contiguous (send_to_peers).
+// The B operand has one buffer per step parity (buffers = 2), or one buffer (1, where two do not
+// fit) and a second split cluster barrier per step (see the kernels).
 struct BlockLayout {
   int Mp, Kp, ldb, ldp;
   TileSplit split;
@@ -380,7 +380,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Sizes fit in 32 bits (checked at launch).
   const int H = static_cast<int>(a.H), B = static_cast<int>(a.B);
   const BlockLayout L(false, H, hb, Np, sizeof(E), R, buffers);
-  E* hbuf = reinterpret_cast<E*>(smem + L.b_off);              // [parity][row][k]: the slice's h_{t-1}
+  E* hbuf = reinterpret_cast<E*>(smem + L.b_off);              // [buffer][row][k]: the slice's h_{t-1}
   float* part = reinterpret_cast<float*>(smem + L.part_off);   // [k range][row][q * hb + u]: h_{t-1} W_hh^T
   const int C = static_cast<int>(cluster.num_blocks());
   const BlockElements<Cells> el(C, static_cast<int>(cluster.block_rank()), H, B, hb, Np);
@@ -542,7 +542,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   cg::cluster_group cluster = cg::this_cluster();
   const int H = static_cast<int>(a.H), B = static_cast<int>(a.B), G = 4 * H;
   const BlockLayout L(true, H, hb, Np, sizeof(E), R, buffers);
-  E* dgbuf = reinterpret_cast<E*>(smem + L.b_off);                  // [parity][row][4 j + q]: the slice's dG_t
+  E* dgbuf = reinterpret_cast<E*>(smem + L.b_off);                  // [buffer][row][4 j + q]: the slice's dG_t
   float* part = reinterpret_cast<float*>(smem + L.part_off);        // [k range][row][u]: dG_t W_hh[:, own]
   float* norm_warps = reinterpret_cast<float*>(smem + L.norm_off);  // [parity][warp][h, c]
   const int C = static_cast<int>(cluster.num_blocks());
