@@ -54,6 +54,22 @@ Capability capability() {
   return level;
 }
 
+bool bf16_kernels_enabled() {
+  static const bool enabled = [] {
+#if defined(FASTLSTM_CPU_AVX512_BF16) && (defined(__x86_64__) || defined(__i386__))
+    __builtin_cpu_init();
+    return capability() == Capability::AVX512 && __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+  }();
+  return enabled;
+}
+
+const char* capability_report() {
+  return bf16_kernels_enabled() ? "AVX512_BF16" : capability_name(capability());
+}
+
 const char* capability_name(Capability level) {
   switch (level) {
     case Capability::AVX512:

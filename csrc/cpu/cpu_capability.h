@@ -17,4 +17,13 @@ Capability capability();
 // "DEFAULT", "AVX2" or "AVX512", as torch.backends.cpu.get_cpu_capability() spells them.
 const char* capability_name(Capability level);
 
+// Whether bfloat16 layers run the AVX512-BF16 kernels (vdpbf16ps, kernels/avx512_bf16/): the
+// AVX512 level, a CPU with AVX512_BF16 and a build that compiled them (FASTLSTM_CPU_AVX512_BF16).
+// Otherwise bfloat16 computes in float32. ATEN_CPU_CAPABILITY=avx2 or default turns it off.
+bool bf16_kernels_enabled();
+
+// What fastlstm.cpu_capability() reports: capability_name(capability()), or "AVX512_BF16" when
+// the AVX512 level also runs the bfloat16 kernels.
+const char* capability_report();
+
 }  // namespace fastlstm::cpu
