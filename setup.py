@@ -72,12 +72,13 @@ _LEVEL_FLAGS = {
                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
 }
 _KERNEL_SOURCES = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "kernels", "*.cpp")))
-# The bfloat16 kernels (vdpbf16ps) exist at one more level only, compiled with the AVX-512 flags
-# plus -mavx512bf16 into namespace AVX512_BF16 (ATen's vec headers see CPU_CAPABILITY_AVX512);
-# csrc/cpu/cpu_capability.cpp calls them only on a CPU with AVX512_BF16 at the AVX512 level.
+# The bfloat16 kernels (vdpbf16ps, AMX tiles) exist at one more level only, compiled with the
+# AVX-512 flags plus AVX512-BF16 and AMX into namespace AVX512_BF16 (ATen's vec headers see
+# CPU_CAPABILITY_AVX512); csrc/cpu/cpu_capability.cpp calls them only on a CPU with AVX512_BF16
+# (and AMX-BF16 for the tile kernels) at the AVX512 level.
 _BF16_LEVEL = "avx512_bf16"
 _BF16_FLAGS = [f for f in _LEVEL_FLAGS["avx512"] if not f.startswith("-DCPU_CAPABILITY=")] + [
-    "-mavx512bf16", "-DCPU_CAPABILITY=AVX512_BF16", "-DCPU_CAPABILITY_AVX512_BF16"]
+    "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-DCPU_CAPABILITY=AVX512_BF16", "-DCPU_CAPABILITY_AVX512_BF16"]
 _BF16_SOURCES = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "kernels", "avx512_bf16", "*.cpp")))
 
 

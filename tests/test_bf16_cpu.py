@@ -1,8 +1,10 @@
-"""bfloat16 layers on the CPU: the AVX512-BF16 kernels where they run, float32 compute elsewhere.
+"""bfloat16 layers on the CPU: the bfloat16 kernels where they run, float32 compute elsewhere.
 
-Where ``fastlstm.cpu_capability()`` is ``AVX512_BF16`` a bfloat16 layer without a projection runs
-the vdpbf16ps kernels (csrc/cpu/kernels/avx512_bf16/): products of the bfloat16 operands with
-float32 accumulation, gates and c in float32, h_t rounded to bfloat16 at every step. The
+Where ``fastlstm.cpu_capability()`` is ``AMX_BF16`` (products on AMX tiles) or ``AVX512_BF16``
+(vdpbf16ps) a bfloat16 layer without a projection runs the bfloat16 kernels
+(csrc/cpu/kernels/avx512_bf16/): products of the bfloat16 operands with float32 accumulation,
+gates and c in float32, h_t rounded to bfloat16 at every step. On an AMX machine the tests also
+run with FASTLSTM_CPU_AMX=0 (the vdpbf16ps kernels) in a subprocess. The
 reference is that computation in float64 (``bf16_reference``): the bfloat16 input, weights and
 summed bias (b_ih + b_hh in bfloat16, as fastlstm.LSTM adds them), h_t rounded to bfloat16 after
 every step (the gradient passes the rounding unchanged), c and the gates unrounded. Compared: the
@@ -30,7 +32,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import fastlstm
 from reference import rel_error
 
-BF16_KERNELS = fastlstm.cpu_capability() == "AVX512_BF16"
+BF16_KERNELS = fastlstm.cpu_capability() in ("AMX_BF16", "AVX512_BF16")
 TOL = 1e-2
 MIN_EXACT = 0.97
 
@@ -133,7 +135,10 @@ def _check(model, x, h0, c0, lengths, weights, packed):
 
 # Sizes around the vector widths: H = 19 (one partial block, odd depth), 16 (one full block), 33
 # (two full blocks and one unit), 48 (three full, even); B = 1 and rows past a 4-row tile; odd T.
-SHAPES = [(7, 1, 5, 19), (9, 3, 16, 16), (5, 6, 33, 33), (11, 5, 7, 48), (3, 2, 1, 1)]
+# AMX tiles take 16 rows and a depth of 32: B = 16 with H and I multiples of 32 reads A in place,
+# B = 20 and 33 add a partial second and third row block, I = 64 a second depth block.
+SHAPES = [(7, 1, 5, 19), (9, 3, 16, 16), (5, 6, 33, 33), (11, 5, 7, 48), (3, 2, 1, 1), (6, 16, 64, 32),
+          (5, 20, 9, 35), (3, 33, 32, 64)]
 
 
 @pytest.mark.parametrize("T,B,I,H", SHAPES, ids=[f"T{T}-B{B}-I{I}-H{H}" for T, B, I, H in SHAPES])
@@ -212,10 +217,14 @@ print(json.dumps({"capability": fastlstm.cpu_capability(), "float32_compute": to
 """
 
 
+def _env(**changes) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "FASTLSTM_CPU_AMX")}
+    env.update({k: v for k, v in changes.items() if v is not None})
+    return env
+
+
 def _child(level: str | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-    if level is not None:
-        env["ATEN_CPU_CAPABILITY"] = level
+    env = _env(ATEN_CPU_CAPABILITY=level)
     done = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -233,7 +242,7 @@ def test_float32_compute_elsewhere():
     """The kernels run exactly where the CPU has AVX512_BF16 at the AVX512 level; elsewhere
     bfloat16 is the float32 computation, rounded."""
     native = _child(None)
-    if native["capability"] == "AVX512_BF16":
+    if native["capability"] in ("AMX_BF16", "AVX512_BF16"):
         assert _cpu_has_avx512_bf16()
         assert not native["float32_compute"]  # h rounded at every step: not the float32 result
     else:
@@ -242,3 +251,16 @@ def test_float32_compute_elsewhere():
         report = _child(level)
         assert report["capability"] in ("AVX2", "DEFAULT"), report
         assert report["float32_compute"], report
+
+
+@pytest.mark.skipif(fastlstm.cpu_capability() != "AMX_BF16", reason="the AMX kernels do not run here")
+def test_vdpbf16ps_kernels_on_an_amx_cpu():
+    """This file's kernel tests once more with FASTLSTM_CPU_AMX=0: the vdpbf16ps kernels."""
+    check = subprocess.run([sys.executable, "-c", "import fastlstm; print(fastlstm.cpu_capability(), fastlstm.__file__)"],
+                           env=_env(FASTLSTM_CPU_AMX="0"), capture_output=True, text=True, timeout=300)
+    assert check.stdout.split() == ["AVX512_BF16", fastlstm.__file__], check.stdout + check.stderr
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "not elsewhere and not amx_cpu"], env=_env(FASTLSTM_CPU_AMX="0"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout

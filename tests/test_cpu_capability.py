@@ -14,8 +14,9 @@ import subprocess
 import sys
 
 LEVELS = ["DEFAULT", "AVX2", "AVX512"]
-# What cpu_capability() reports for a level that also runs the bfloat16 kernels (CPUs with AVX512_BF16).
-WITH_BF16 = {"AVX512_BF16": "AVX512"}
+# What cpu_capability() reports for a level that also runs the bfloat16 kernels (CPUs with
+# AVX512_BF16; AMX_BF16 where their products run on AMX tiles).
+WITH_BF16 = {"AVX512_BF16": "AVX512", "AMX_BF16": "AVX512"}
 
 # Runs in the subprocess: prints {"capability": fastlstm's level, "torch": torch's level,
 # "errors": {case: (dtype, relative error)}}.

@@ -1,7 +1,7 @@
 // The bfloat16 kernels of CPUs with AVX512-BF16 (kernels/avx512_bf16/bf16_kernels.cpp, compiled
-// once, with -mavx512bf16, into namespace fastlstm::cpu::AVX512_BF16): products of bfloat16
-// operands with vdpbf16ps, which multiplies pairs of bfloat16 exactly and accumulates in
-// float32. They serve bfloat16 layers without a projection when bf16_kernels_enabled(); other
+// once, with -mavx512bf16 and AMX, into namespace fastlstm::cpu::AVX512_BF16): products of
+// bfloat16 operands with vdpbf16ps or, where the CPU has AMX-BF16, on AMX tiles (tdpbf16ps); both
+// multiply pairs of bfloat16 exactly and accumulate in float32. They serve bfloat16 layers without a projection when bf16_kernels_enabled(); other
 // CPUs (and ATEN_CPU_CAPABILITY=avx2 / default) compute bfloat16 layers in float32.
 #pragma once
 
@@ -31,14 +31,16 @@ struct Bf16Kernels {
 };
 
 namespace AVX512_BF16 {
-const Bf16Kernels& bf16_kernel_table();
+const Bf16Kernels& bf16_kernel_table();      // products with vdpbf16ps
+const Bf16Kernels& bf16_amx_kernel_table();  // products on AMX tiles (same packed layouts)
 }
 
 // The table, or null where bf16_kernels_enabled() is false: a CPU without AVX512_BF16 never
-// reaches code compiled with -mavx512bf16.
+// reaches code compiled with -mavx512bf16 (nor one without AMX the tile kernels).
 inline const Bf16Kernels* bf16_kernels() {
 #ifdef FASTLSTM_CPU_AVX512_BF16
-  return bf16_kernels_enabled() ? &AVX512_BF16::bf16_kernel_table() : nullptr;
+  if (!bf16_kernels_enabled()) return nullptr;
+  return amx_enabled() ? &AVX512_BF16::bf16_amx_kernel_table() : &AVX512_BF16::bf16_kernel_table();
 #else
   return nullptr;
 #endif

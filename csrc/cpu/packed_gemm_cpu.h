@@ -81,8 +81,8 @@ class PackedMatrix {
     const auto& k = PackedKernels<T>::get();
     const int64_t width = k.panel_width();
     const int64_t panels = (cols + width - 1) / width;
-    // bfloat16 pairs rows (the reduction) for vdpbf16ps: one more, zero, row when rows is odd.
-    const int64_t padded = std::is_same_v<T, Out> ? rows : (rows + 1) / 2 * 2;
+    // bfloat16 pairs rows (the reduction), zero-padded to a multiple of 32 (an AMX tile's depth).
+    const int64_t padded = std::is_same_v<T, Out> ? rows : (rows + 31) / 32 * 32;
     storage_ = at::zeros({std::max<int64_t>(panels, 1), padded, width},
                          at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
     k.pack(src, rows, cols, stride_row, stride_col, storage_.data_ptr<T>());

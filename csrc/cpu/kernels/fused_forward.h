@@ -102,15 +102,17 @@ void prefetch_units(const T* base, int64_t B, int64_t width, int64_t parts, int6
 }
 
 // Every step of a chunk in one parallel region: each thread computes the gates and cell update
-// of its own unit blocks of L units, kRows rows at a time, through
-// rows(ub, row0, rows, t, slot, r_prev, c_prev), then waits for the others (the next step reads
-// every unit of h_t).
-template <int L, int kRows, class S, class A, class Rows>
-void fused_forward_steps(const ChunkRecurrenceArgs<S, A>& a, const Rows& rows) {
+// of its own unit blocks of L units, kRows rows at a time, then waits for the others (the next
+// step reads every unit of h_t). make_worker() runs on each thread before its first step and
+// returns its worker w: w.step(r_prev) starts each step, w(ub, row0, rows, t, slot, r_prev, c_prev)
+// computes a tile.
+template <int L, int kRows, class S, class A, class MakeWorker>
+void fused_forward_steps(const ChunkRecurrenceArgs<S, A>& a, const MakeWorker& make_worker) {
   if (a.B == 0 || a.H == 0 || a.n == 0) return;
   const int64_t H = a.H, B = a.B, blocks = (H + L - 1) / L;
   SpinBarrier barrier(slices_for(blocks));
   for_each_slice(blocks, [&](int64_t ub0, int64_t ub1, int64_t weight) {
+    auto worker = make_worker();
     for (int64_t i = 0; i < a.n; ++i) {
       const int64_t s = a.s0 + i, slot = slot_of_step(a, s), t = slot + a.tlo;
       const int64_t prev = i == 0 ? -1 : slot_of_step(a, s - 1);
@@ -119,15 +121,30 @@ void fused_forward_steps(const ChunkRecurrenceArgs<S, A>& a, const Rows& rows) {
       if (i + 1 < a.n) {
         prefetch_units(a.gates + slot_of_step(a, s + 1) * B * 4 * H, B, 4 * H, 4, H, ub0 * L, std::min(H, ub1 * L));
       }
+      worker.step(r_prev);
       // Unit block outermost: its panel stays in cache across the row blocks.
       for (int64_t ub = ub0; ub < ub1; ++ub) {
         for (int64_t row0 = 0; row0 < B; row0 += kRows) {
-          rows(ub, row0, std::min<int64_t>(kRows, B - row0), t, slot, r_prev, c_prev);
+          worker(ub, row0, std::min<int64_t>(kRows, B - row0), t, slot, r_prev, c_prev);
         }
       }
       barrier.arrive_and_wait(weight);
     }
   });
+}
+
+// The worker of a kernel that keeps no per-thread state: rows(...) per tile.
+template <class Rows>
+struct StatelessWorker {
+  const Rows& rows;
+  void step(const void*) const {}
+  template <class... Args>
+  void operator()(Args... args) const { rows(args...); }
+};
+
+template <class Rows>
+auto stateless(const Rows& rows) {
+  return [&rows] { return StatelessWorker<Rows>{rows}; };
 }
 
 }  // namespace fastlstm::cpu::CPU_CAPABILITY

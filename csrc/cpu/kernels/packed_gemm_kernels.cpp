@@ -87,7 +87,7 @@ void multiply(int64_t M, const T* A, const T* packed, int64_t rows, int64_t cols
     return;
   }
   using Tl = Tiling<T>;
-  for_each_tile<Tl::kRows, Tl::kWidth>(M, rows, cols, [&](auto r, int64_t row0, int64_t p) {
+  for_each_tile<Tl::kRows, Tl::kWidth>(M, rows, cols, [&](auto r, int64_t row0, int64_t p, int) {
     const int64_t col0 = p * Tl::kWidth;
     tile<T, decltype(r)::value>(rows, A + row0 * rows, packed + p * rows * Tl::kWidth, C + row0 * cols + col0, cols,
                                 std::min<int64_t>(Tl::kWidth, cols - col0), accumulate);

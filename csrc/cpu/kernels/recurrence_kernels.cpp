@@ -214,9 +214,8 @@ template <class T>
 void fused_forward(const ChunkRecurrenceArgs<T, T>& a, const T* p) {
   constexpr int L = Blocking<T>::L;
   fused_forward_steps<L, Blocking<T>::kRows>(
-      a, [&](int64_t ub, int64_t row0, int64_t rows, int64_t t, int64_t slot, const T* r_prev, const T* c_prev) {
-        forward_rows(a, p + ub * a.H * 4 * L, ub, row0, rows, t, slot, r_prev, c_prev);
-      });
+      a, stateless([&](int64_t ub, int64_t row0, int64_t rows, int64_t t, int64_t slot, const T* r_prev,
+                       const T* c_prev) { forward_rows(a, p + ub * a.H * 4 * L, ub, row0, rows, t, slot, r_prev, c_prev); }));
 }
 
 template <class T>
