@@ -34,5 +34,6 @@ flags=$(grep -m1 '^flags' /proc/cpuinfo)
 has() { [[ " $flags " == *" $1 "* ]]; }
 SIMD=(-mavx2 -mfma)
 has avx512f && SIMD+=(-mavx512f)
+has avx512_bf16 && SIMD+=(-mavx512bf16)
 g++ -O2 -std=c++20 -pthread "${SIMD[@]}" benchmarks/micro/fma_peak.cpp -o benchmarks/micro/fma_peak
 echo "built benchmarks/micro/fma_peak (${SIMD[*]})"
