@@ -119,8 +119,9 @@ void compare(const Product& p, const at::Tensor& w, bool transposed, int repeats
 }
 
 // The bfloat16 input projection, gates[M, 4H] = x[M, I] W_ih^T (I = H) in float32, two ways: the
-// packed vdpbf16ps kernel (bf16_kernels_cpu.h, float32 out, as Bf16Policy calls it) and ATen's
-// bfloat16 mm (oneDNN; bfloat16 out, widened to float32 into the gates).
+// packed kernel (bf16_kernels_cpu.h, float32 out, as Bf16Policy calls it: on AMX tiles, or with
+// vdpbf16ps under FASTLSTM_CPU_AMX=0; the first line names which) and ATen's bfloat16 mm (oneDNN;
+// bfloat16 out, widened to float32 into the gates).
 void compare_bf16_projection(int64_t M, int64_t H, int repeats) {
   const auto bf = at::TensorOptions().dtype(at::kBFloat16);
   const at::Tensor x = at::randn({M, H}, bf), w = (at::randn({4 * H, H}) * 0.05).to(at::kBFloat16);
@@ -156,7 +157,7 @@ int main(int argc, char** argv) {
     at::manual_seed(0);
     std::printf("bfloat16 input projection, %s, torch %s, %d threads, %d interleaved samples per side\n\n",
                 fastlstm::cpu::capability_report(), at::get_cpu_capability().c_str(), at::get_num_threads(), repeats);
-    std::printf("| product | M | K | N | packed vdpbf16ps ms (median / min) | bf16 mm + widen ms (median / min) "
+    std::printf("| product | M | K | N | packed ms (median / min) | bf16 mm + widen ms (median / min) "
                 "| packed speedup (mm / packed) | GFLOP/s at min (packed / mm) | max rel. diff |\n");
     std::printf("|---|---|---|---|---|---|---|---|---|\n");
     for (const int64_t H : hs)

@@ -115,7 +115,7 @@ using BF16 = c10::BFloat16;
 
 // The forward of bfloat16 layers without a projection on CPUs with the AVX512-BF16 kernels
 // (bf16_kernels_cpu.h), as a bfloat16 torch.nn.LSTM computes it: x W_ih^T and h_{t-1} W_hh^T
-// from the bfloat16 operands with float32 accumulation (vdpbf16ps), gates and c in float32, h_t
+// from the bfloat16 operands with float32 accumulation (AMX tiles or vdpbf16ps), gates and c in float32, h_t
 // rounded to bfloat16 at every step. The driver's stepwise path (projection layers) is
 // instantiated but never taken: those layers compute in float32.
 struct Bf16Policy : CpuPolicy {
