@@ -180,11 +180,13 @@ def test_checkpointing_recomputes_the_same_forward(every):
     outs, grads = _run(model, x, h0, c0, lengths, weights, True, checkpoint_every=every)
     for a, e in zip(outs, full_outs):
         assert torch.equal(a, e)
-    # The backward recomputes each chunk's gates with the forward's kernels: the gradients are
-    # those of the same forward (float32 sums in another order, then rounded to bfloat16: within
-    # one bfloat16 rounding of the full mode's).
+    # With the bfloat16 kernels the backward recomputes each chunk's gates with the forward's
+    # kernels: the gradients are those of the same forward (float32 sums in another order, then
+    # rounded to bfloat16: within one bfloat16 rounding of the full mode's). Float32 compute
+    # saves its checkpoints of h in bfloat16, so its recomputed chunks start from rounded states
+    # that its forward did not have: only within the bfloat16 tolerance.
     for a, e in zip(grads, full_grads):
-        assert rel_error(a, e) <= 2 ** -8
+        assert rel_error(a, e) <= (2 ** -8 if BF16_KERNELS else TOL)
 
 
 def test_projection_layers_compute_in_float32():
