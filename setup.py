@@ -6,9 +6,10 @@ compiled), otherwise a CppExtension. Environment knobs:
 * ``TORCH_CUDA_ARCH_LIST``   CUDA targets, honoured as torch does (CI builds ``9.0``).
 * ``FASTLSTM_FORCE_CPU=1``   build the CPU kernels only, even where CUDA is available.
 * ``FASTLSTM_CPU_SIMD``      the widest SIMD level to compile the CPU kernels for: ``avx512``
-  (default on x86-64: default, AVX2 and AVX-512 variants), ``avx2`` or ``default`` (for a compiler
-  without AVX-512 support, or a faster build). The build machine's own CPU plays no part: the
-  level is chosen when the extension loads (csrc/cpu/cpu_capability.cpp).
+  (default on x86-64: default, AVX2 and AVX-512 variants, plus the AVX512-BF16 bfloat16 kernels),
+  ``avx2`` or ``default`` (for a compiler without AVX-512 support, or a faster build). The build
+  machine's own CPU plays no part: the level is chosen when the extension loads
+  (csrc/cpu/cpu_capability.cpp).
 * ``FASTLSTM_PTXAS_VERBOSE=1`` print ptxas register/shared-memory reports.
 """
 
@@ -71,6 +72,14 @@ _LEVEL_FLAGS = {
                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
 }
 _KERNEL_SOURCES = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "kernels", "*.cpp")))
+# The bfloat16 kernels (vdpbf16ps, AMX tiles) exist at one more level only, compiled with the
+# AVX-512 flags plus AVX512-BF16 and AMX into namespace AVX512_BF16 (ATen's vec headers see
+# CPU_CAPABILITY_AVX512); csrc/cpu/cpu_capability.cpp calls them only on a CPU with AVX512_BF16
+# (and AMX-BF16 for the tile kernels) at the AVX512 level.
+_BF16_LEVEL = "avx512_bf16"
+_BF16_FLAGS = [f for f in _LEVEL_FLAGS["avx512"] if not f.startswith("-DCPU_CAPABILITY=")] + [
+    "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-DCPU_CAPABILITY=AVX512_BF16", "-DCPU_CAPABILITY_AVX512_BF16"]
+_BF16_SOURCES = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "kernels", "avx512_bf16", "*.cpp")))
 
 
 def _compiled_levels() -> list[str]:
@@ -84,9 +93,17 @@ def _compiled_levels() -> list[str]:
     return levels[: levels.index(widest) + 1]
 
 
+def _kernel_builds() -> list[tuple[str, list[str], list[str]]]:
+    """(level, sources, flags) of each compilation of the kernels, narrowest first (the link order)."""
+    builds = [(level, _KERNEL_SOURCES, _LEVEL_FLAGS[level]) for level in _compiled_levels()]
+    if "avx512" in _compiled_levels():
+        builds.append((_BF16_LEVEL, _BF16_SOURCES, _BF16_FLAGS))
+    return builds
+
+
 def _level_macros() -> list[str]:
-    """Tell the dispatcher (csrc/cpu/kernel_table.h) which levels have kernels."""
-    return [f"-DFASTLSTM_CPU_{level.upper()}" for level in _compiled_levels() if level != "default"]
+    """Tell the dispatcher (csrc/cpu/kernel_table.h, bf16_kernels_cpu.h) which levels have kernels."""
+    return [f"-DFASTLSTM_CPU_{level.upper()}" for level, _, _ in _kernel_builds() if level != "default"]
 
 
 class _BuildExtension(BuildExtension):
@@ -107,14 +124,14 @@ class _BuildExtension(BuildExtension):
 
     def build_extension(self, ext) -> None:
         objects = []
-        for level in _compiled_levels():
+        for level, sources, flags in _kernel_builds():
             objects += self.compiler.compile(
-                _KERNEL_SOURCES,
+                sources,
                 output_dir=os.path.join(self.build_temp, f"cpu-{level}"),
                 macros=ext.define_macros,
                 include_dirs=ext.include_dirs,
                 debug=self.debug,
-                extra_postargs={"cxx": ext.extra_compile_args["cxx"] + _LEVEL_FLAGS[level]},
+                extra_postargs={"cxx": ext.extra_compile_args["cxx"] + flags},
                 depends=ext.depends,
             )
         ext.extra_objects = [o for o in ext.extra_objects if o not in objects] + objects

@@ -43,6 +43,9 @@ def cpu_capability() -> str:
 
     The extension holds the kernels of every level; the widest one the running CPU supports is
     chosen when first needed. ``ATEN_CPU_CAPABILITY=avx2`` (or ``default``), set before the first
-    CPU call, forces a lower level, as it does for torch's own CPU kernels.
+    CPU call, forces a lower level, as it does for torch's own CPU kernels. At the AVX512 level on
+    a CPU with AVX512_BF16 it reads 'AMX_BF16' or 'AVX512_BF16' instead: bfloat16 layers without a
+    projection then run bfloat16 kernels, their products on AMX tiles (where the CPU has AMX-BF16
+    and FASTLSTM_CPU_AMX is not 0) or with vdpbf16ps; elsewhere bfloat16 computes in float32.
     """
     return str(_C.cpu_capability())

@@ -3,7 +3,7 @@
 The level is chosen once per process, so each level runs in a subprocess of its own, which
 compares fastlstm with a float64 nn.LSTM on shapes that exercise the vector tails (H and B not
 multiples of any vector width) through the fused recurrence, the stepwise projection path and
-both dtypes.
+every CPU dtype (bfloat16: the AVX512-BF16 kernels where they run, float32 compute elsewhere).
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import subprocess
 import sys
 
 LEVELS = ["DEFAULT", "AVX2", "AVX512"]
+# What cpu_capability() reports for a level that also runs the bfloat16 kernels (CPUs with
+# AVX512_BF16; AMX_BF16 where their products run on AMX tiles).
+WITH_BF16 = {"AVX512_BF16": "AVX512", "AMX_BF16": "AVX512"}
 
 # Runs in the subprocess: prints {"capability": fastlstm's level, "torch": torch's level,
 # "errors": {case: (dtype, relative error)}}.
@@ -31,7 +34,7 @@ torch.manual_seed(0)
 errors = {}
 cases = {"fused": dict(num_layers=2, bidirectional=True), "projection": dict(proj_size=3)}
 for name, cfg in cases.items():
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
         ref = nn.LSTM(6, 19, dtype=torch.float64, **cfg)
         ours = fastlstm.LSTM(6, 19, dtype=dtype, **cfg)
         ours.load_state_dict(ref.state_dict())
@@ -49,7 +52,7 @@ print(json.dumps({"capability": fastlstm.cpu_capability(), "torch": torch.backen
                   "errors": errors}))
 """
 
-TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 2e-2}
 
 
 def _run_at(level: str | None) -> dict:
@@ -64,15 +67,17 @@ def _run_at(level: str | None) -> dict:
 
 def test_every_level_runs_correctly_and_reports_itself():
     native = _run_at(None)
-    assert native["capability"] in LEVELS
+    level = WITH_BF16.get(native["capability"], native["capability"])
+    assert level in LEVELS
     # Our detection claims no more than torch's own (a build with fewer levels may report less;
     # torch's non-x86 levels, such as SVE256, have no fastlstm counterpart beyond DEFAULT).
     torch_rank = LEVELS.index(native["torch"]) if native["torch"] in LEVELS else 0
-    assert LEVELS.index(native["capability"]) <= torch_rank, (native["capability"], native["torch"])
+    assert LEVELS.index(level) <= torch_rank, (native["capability"], native["torch"])
     reports = {"native": native}
+    # A forced lower level also turns the bfloat16 kernels off: it reports a plain level.
     for forced in ("avx2", "default"):
         report = _run_at(forced)
-        expected = LEVELS[min(LEVELS.index(forced.upper()), LEVELS.index(native["capability"]))]
+        expected = LEVELS[min(LEVELS.index(forced.upper()), LEVELS.index(level))]
         assert report["capability"] == expected, (forced, report["capability"])
         reports[forced] = report
     for run, report in reports.items():

@@ -16,9 +16,9 @@ fi
 # Narrowest level first, as setup.py links them (see its _BuildExtension).
 objects=("$TEMP/csrc/cpu/cpu_capability.o")
 levels=()
-for level in default avx2 avx512; do
+for level in default avx2 avx512 avx512_bf16; do
   if [[ -d "$TEMP/cpu-$level" ]]; then
-    objects+=("$TEMP/cpu-$level"/csrc/cpu/kernels/*.o)
+    objects+=($(find "$TEMP/cpu-$level/csrc/cpu/kernels" -name '*.o' | sort))
     [[ $level != default ]] && levels+=("-DFASTLSTM_CPU_${level^^}")
   fi
 done
@@ -34,5 +34,6 @@ flags=$(grep -m1 '^flags' /proc/cpuinfo)
 has() { [[ " $flags " == *" $1 "* ]]; }
 SIMD=(-mavx2 -mfma)
 has avx512f && SIMD+=(-mavx512f)
+has avx512_bf16 && SIMD+=(-mavx512bf16)
 g++ -O2 -std=c++20 -pthread "${SIMD[@]}" benchmarks/micro/fma_peak.cpp -o benchmarks/micro/fma_peak
 echo "built benchmarks/micro/fma_peak (${SIMD[*]})"

@@ -1,6 +1,8 @@
 // The machine's float32 FMA ceiling: vfmadd231ps throughput with 12 independent accumulators per
 // thread (more than latency x ports on current x86 cores, so the chain never stalls), on ymm
 // (AVX2) and zmm (AVX-512) registers, on 1 and 2 threads. What the kernels' GFLOP/s compare to.
+// Also vdpbf16ps on zmm (AVX512-BF16: 32 bfloat16 pairs, 64 flops per instruction), the
+// instruction of the bfloat16 kernels without AMX (csrc/cpu/kernels/avx512_bf16/).
 // Built with the build machine's widest SIMD flags (build.sh): zmm only on an AVX-512 machine.
 //   benchmarks/micro/build.sh && benchmarks/micro/fma_peak [seconds per measurement, default 0.5]
 #include <immintrin.h>
@@ -41,6 +43,14 @@ inline __m512 fma512(__m512 x, __m512 a, __m512 b) { return _mm512_fmadd_ps(x, a
 inline float first512(__m512 v) { return _mm512_cvtss_f32(v); }
 float run512(long n) { return fma_chain<__m512, set512, fma512, first512>(n); }
 #endif
+#ifdef __AVX512BF16__
+// The float constants' bit patterns read as bfloat16 pairs: 1.0039 with 1.0039 (bits 0x3F80 0x3F81).
+inline __m512 dp512(__m512 x, __m512 a, __m512 b) {
+  return _mm512_dpbf16_ps(x, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
+}
+inline __m512 set_pairs(float) { return _mm512_castsi512_ps(_mm512_set1_epi32(0x3F803F81)); }
+float run_dp512(long n) { return fma_chain<__m512, set_pairs, dp512, first512>(n); }
+#endif
 
 // GFLOP/s of `threads` threads each running run(iterations) (2 flops per lane per FMA).
 double gflops(float (*run)(long), int lanes, int threads, long iterations) {
@@ -69,6 +79,9 @@ int main(int argc, char** argv) {
     {"AVX2 ymm", run256, 8, __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")},
 #ifdef __AVX512F__  // built with build.sh's AVX-512 flags (an AVX-512 build machine)
     {"AVX-512 zmm", run512, 16, __builtin_cpu_supports("avx512f") != 0},
+#endif
+#ifdef __AVX512BF16__  // an AVX512-BF16 build machine; lanes: the 32 bfloat16 pairs
+    {"vdpbf16ps zmm", run_dp512, 32, __builtin_cpu_supports("avx512bf16") != 0},
 #endif
   };
   const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));

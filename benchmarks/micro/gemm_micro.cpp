@@ -8,6 +8,8 @@
 // its transposed view); the packed side runs the extension's own kernel objects, at the level
 // ATEN_CPU_CAPABILITY allows. The weight is packed once per layer call: its cost is a column.
 //   benchmarks/micro/build.sh && benchmarks/micro/gemm_micro [threads (2)] [repeats (7)] [H ...]
+// With "bf16" first (CPUs with AVX512-BF16): the bfloat16 input projection, packed vdpbf16ps
+// kernel against ATen's bfloat16 mm, see compare_bf16_projection.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -18,6 +20,7 @@
 #include <cstdlib>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu/cpu_capability.h"
@@ -41,6 +44,29 @@ struct Stats {
 Stats stats(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return {v[v.size() / 2], v.front()};
+}
+
+// Per-call times of a and b: repeats samples each, interleaved with the order alternating, each
+// sample enough calls for about 20 ms of a.
+std::pair<Stats, Stats> interleaved(const std::function<void()>& a, const std::function<void()>& b, int repeats) {
+  const double one = std::min(seconds_of(a), seconds_of(a));
+  const int calls = std::max(1, static_cast<int>(0.02 / std::max(one, 1e-7)));
+  auto sample = [&](const std::function<void()>& f) {
+    return seconds_of([&] {
+             for (int i = 0; i < calls; ++i) f();
+           }) / calls;
+  };
+  std::vector<double> ta, tb;
+  for (int r = 0; r < repeats; ++r) {
+    if (r % 2) {
+      ta.push_back(sample(a));
+      tb.push_back(sample(b));
+    } else {
+      tb.push_back(sample(b));
+      ta.push_back(sample(a));
+    }
+  }
+  return {stats(ta), stats(tb)};
 }
 
 // One product, both ways: packed(A, C) and blas(A, C) compute the same C from A.
@@ -83,25 +109,7 @@ void compare(const Product& p, const at::Tensor& w, bool transposed, int repeats
   const double err = (c - ref).abs().max().item<double>() / std::max(1e-30, ref.abs().max().item<double>());
   if (err > 1e-4) std::fprintf(stderr, "%s M=%lld: packed and mm differ by %g (relative)\n", p.name.c_str(),
                                (long long)p.M, err);
-  // Enough calls per sample for about 20 ms of the packed side.
-  const double one = std::min(seconds_of(run_packed), seconds_of(run_packed));
-  const int calls = std::max(1, static_cast<int>(0.02 / std::max(one, 1e-7)));
-  auto sample = [&](const std::function<void()>& f) {
-    return seconds_of([&] {
-             for (int i = 0; i < calls; ++i) f();
-           }) / calls;
-  };
-  std::vector<double> tp, tb;
-  for (int r = 0; r < repeats; ++r) {  // interleaved, the order alternating
-    if (r % 2) {
-      tp.push_back(sample(run_packed));
-      tb.push_back(sample(run_blas));
-    } else {
-      tb.push_back(sample(run_blas));
-      tp.push_back(sample(run_packed));
-    }
-  }
-  const Stats sp = stats(tp), sb = stats(tb);
+  const auto [sp, sb] = interleaved(run_packed, run_blas, repeats);
   const double flops = 2.0 * p.M * p.K * p.N;
   std::printf("| %s | %lld | %lld | %lld | %.4g / %.4g | %.4g / %.4g | %.2f | %.0f / %.0f | %.3g | %s | %s |\n",
               p.name.c_str(), (long long)p.M, (long long)p.K, (long long)p.N, sp.median * 1e3, sp.min * 1e3,
@@ -110,9 +118,52 @@ void compare(const Product& p, const at::Tensor& w, bool transposed, int repeats
   std::fflush(stdout);
 }
 
+// The bfloat16 input projection, gates[M, 4H] = x[M, I] W_ih^T (I = H) in float32, two ways: the
+// packed kernel (bf16_kernels_cpu.h, float32 out, as Bf16Policy calls it: on AMX tiles, or with
+// vdpbf16ps under FASTLSTM_CPU_AMX=0; the first line names which) and ATen's bfloat16 mm (oneDNN;
+// bfloat16 out, widened to float32 into the gates).
+void compare_bf16_projection(int64_t M, int64_t H, int repeats) {
+  const auto bf = at::TensorOptions().dtype(at::kBFloat16);
+  const at::Tensor x = at::randn({M, H}, bf), w = (at::randn({4 * H, H}) * 0.05).to(at::kBFloat16);
+  at::Tensor gates = at::empty({M, 4 * H}), scratch = at::empty({M, 4 * H}, bf);
+  const fastlstm::cpu::PackedMatrix<c10::BFloat16> packed(w.data_ptr<c10::BFloat16>(), H, 4 * H, 1, H);
+  auto run_packed = [&] { packed.multiply(M, x.data_ptr<c10::BFloat16>(), gates.data_ptr<float>(), false); };
+  auto run_mm = [&] {
+    at::mm_out(scratch, x, w.t());
+    gates.copy_(scratch);
+  };
+  run_packed();
+  const at::Tensor ref = gates.clone();
+  run_mm();
+  const double err = (gates - ref).abs().max().item<double>() / ref.abs().max().item<double>();
+  const auto [sp, sm] = interleaved(run_packed, run_mm, repeats);
+  const double flops = 2.0 * M * H * 4 * H;
+  std::printf("| proj bf16 | %lld | %lld | %lld | %.4g / %.4g | %.4g / %.4g | %.2f | %.0f / %.0f | %.1e |\n",
+              (long long)M, (long long)H, (long long)(4 * H), sp.median * 1e3, sp.min * 1e3, sm.median * 1e3,
+              sm.min * 1e3, sm.median / sp.median, flops / sp.min / 1e9, flops / sm.min / 1e9, err);
+  std::fflush(stdout);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "bf16") {  // gemm_micro bf16 [threads] [repeats] [H ...]
+    TORCH_CHECK(fastlstm::cpu::bf16_kernels() != nullptr, "gemm_micro bf16: this CPU (or level) has no AVX512-BF16 kernels");
+    const int threads = argc > 2 ? std::atoi(argv[2]) : 2, repeats = argc > 3 ? std::atoi(argv[3]) : 7;
+    std::vector<int64_t> hs;
+    for (int i = 4; i < argc; ++i) hs.push_back(std::atoll(argv[i]));
+    if (hs.empty()) hs = {64, 128, 256, 512};
+    at::set_num_threads(threads);
+    at::manual_seed(0);
+    std::printf("bfloat16 input projection, %s, torch %s, %d threads, %d interleaved samples per side\n\n",
+                fastlstm::cpu::capability_report(), at::get_cpu_capability().c_str(), at::get_num_threads(), repeats);
+    std::printf("| product | M | K | N | packed ms (median / min) | bf16 mm + widen ms (median / min) "
+                "| packed speedup (mm / packed) | GFLOP/s at min (packed / mm) | max rel. diff |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|\n");
+    for (const int64_t H : hs)
+      for (const int64_t M : {256, 2048, 16000}) compare_bf16_projection(M, H, repeats);
+    return 0;
+  }
   const int threads = argc > 1 ? std::atoi(argv[1]) : 2;
   const int repeats = argc > 2 ? std::atoi(argv[2]) : 7;
   std::vector<int64_t> hs;

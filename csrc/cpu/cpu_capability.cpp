@@ -9,6 +9,11 @@
 #include <cstdlib>
 #include <string>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace fastlstm::cpu {
 namespace {
 
@@ -52,6 +57,41 @@ Capability requested() {
 Capability capability() {
   static const Capability level = std::min({supported_by_cpu(), compiled(), requested()});
   return level;
+}
+
+bool bf16_kernels_enabled() {
+  static const bool enabled = [] {
+#if defined(FASTLSTM_CPU_AVX512_BF16) && (defined(__x86_64__) || defined(__i386__))
+    __builtin_cpu_init();
+    return capability() == Capability::AVX512 && __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+  }();
+  return enabled;
+}
+
+bool amx_enabled() {
+  static const bool enabled = [] {
+#if defined(FASTLSTM_CPU_AVX512_BF16) && defined(__linux__) && defined(__x86_64__)
+    if (!bf16_kernels_enabled() || !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) {
+      return false;
+    }
+    const char* env = std::getenv("FASTLSTM_CPU_AMX");
+    if (env != nullptr && std::string(env) == "0") return false;
+    // Linux hands out the 8 KiB tile state only on request (once per process; oneDNN asks too).
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return enabled;
+}
+
+const char* capability_report() {
+  if (!bf16_kernels_enabled()) return capability_name(capability());
+  return amx_enabled() ? "AMX_BF16" : "AVX512_BF16";
 }
 
 const char* capability_name(Capability level) {

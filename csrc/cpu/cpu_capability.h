@@ -17,4 +17,18 @@ Capability capability();
 // "DEFAULT", "AVX2" or "AVX512", as torch.backends.cpu.get_cpu_capability() spells them.
 const char* capability_name(Capability level);
 
+// Whether bfloat16 layers run the bfloat16 kernels (kernels/avx512_bf16/): the AVX512 level, a
+// CPU with AVX512_BF16 and a build that compiled them (FASTLSTM_CPU_AVX512_BF16). Otherwise
+// bfloat16 computes in float32. ATEN_CPU_CAPABILITY=avx2 or default turns them off.
+bool bf16_kernels_enabled();
+
+// Whether those kernels use AMX tiles for their products (else vdpbf16ps): the CPU has AMX-BF16,
+// the kernel grants this process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM), and
+// FASTLSTM_CPU_AMX is not 0.
+bool amx_enabled();
+
+// What fastlstm.cpu_capability() reports: capability_name(capability()), or "AVX512_BF16" /
+// "AMX_BF16" when the AVX512 level also runs the bfloat16 kernels (with vdpbf16ps / AMX tiles).
+const char* capability_report();
+
 }  // namespace fastlstm::cpu

@@ -4,12 +4,14 @@
 // otherwise; the weight gradients through ATen's mm. The recurrence is fused in one parallel region
 // (lstm_recurrence_cpu.cpp), or, for projection layers, runs step by step with the cell kernels of
 // lstm_cell_cpu.cpp. Half types run in float and are converted at the boundary, so the cell state
-// and every accumulation are fp32 (DESIGN.md section 7).
+// and every accumulation are fp32 (DESIGN.md section 7), except for bfloat16 layers without a
+// projection where the AVX512-BF16 kernels run (Bf16Policy below).
 #include <torch/library.h>
 
 #include <type_traits>
 
 #include "../fastlstm/layer_op.h"
+#include "bf16_kernels_cpu.h"
 #include "lstm_cell_cpu.h"
 #include "lstm_recurrence_cpu.h"
 #include "packed_gemm_cpu.h"
@@ -109,6 +111,140 @@ struct CpuPolicy {
   static void state_select(const StateSelectArgs<S>& a) { cpu::state_select<S>(a); }
 };
 
+using BF16 = c10::BFloat16;
+
+// The forward of bfloat16 layers without a projection on CPUs with the AVX512-BF16 kernels
+// (bf16_kernels_cpu.h), as a bfloat16 torch.nn.LSTM computes it: x W_ih^T and h_{t-1} W_hh^T
+// from the bfloat16 operands with float32 accumulation (AMX tiles or vdpbf16ps), gates and c in float32, h_t
+// rounded to bfloat16 at every step. The driver's stepwise path (projection layers) is
+// instantiated but never taken: those layers compute in float32.
+struct Bf16Policy : CpuPolicy {
+  template <class S>
+  class Matrix {
+    static_assert(std::is_same_v<S, BF16>);
+
+   public:
+    explicit Matrix(const at::Tensor& w) : w_(w) {}
+
+    // out[M, rows] (+)= A[M, cols] W^T, accumulated and returned in float32.
+    template <class C>
+    void times_transposed(int64_t M, const BF16* A, C* out, bool accumulate) {
+      if constexpr (std::is_same_v<C, float>) {
+        const int64_t rows = w_.size(0), cols = w_.size(1);
+        if (packed_.empty()) packed_ = PackedMatrix<BF16>(w_.data_ptr<BF16>(), cols, rows, 1, cols);
+        packed_.multiply(M, A, out, accumulate);
+      } else {
+        TORCH_CHECK(false, "fastlstm: internal error: bfloat16 products with a bfloat16 result");
+      }
+    }
+
+   private:
+    at::Tensor w_;
+    PackedMatrix<BF16> packed_;
+  };
+
+  template <class S>
+  class Recurrent {
+    static_assert(std::is_same_v<S, BF16>);
+
+   public:
+    explicit Recurrent(const at::Tensor& w_hh) : w_(w_hh) {}
+    void forward(int64_t, const BF16*, float*) { stepwise(); }
+    void fused_forward(const ChunkRecurrenceArgs<BF16, float>& a) {
+      const Bf16Kernels& k = PackedKernels<BF16>::get();
+      if (!packed_.defined()) packed_ = k.pack_forward(w_.data_ptr<BF16>(), w_.size(1));
+      k.forward(a, packed_.data_ptr<BF16>());
+    }
+
+   private:
+    at::Tensor w_, packed_;
+  };
+
+  template <class S, class A>
+  static void cell_forward(const ForwardCellArgs<S, A>&) { stepwise(); }
+  template <class S>
+  static void state_select(const StateSelectArgs<S>&) { stepwise(); }
+
+ private:
+  static void stepwise() {
+    TORCH_CHECK(false, "fastlstm: internal error: the bfloat16 kernels have no stepwise path");
+  }
+};
+
+// The float32 backward of a layer whose forward ran Bf16Policy. Its only difference from
+// CpuPolicy is the forward that checkpointing recomputes: Bf16Policy's kernels, on the
+// float32 copies of the bfloat16 operands (exact both ways), so the recomputed gates, c and h
+// are bit-identical to those the forward had (its kernels' rows do not depend on the chunking).
+struct Bf16RecomputePolicy : CpuPolicy {
+  static at::Tensor to_bf16(const float* p, int64_t n) {
+    return at::from_blob(const_cast<float*>(p), {n}, at::TensorOptions().dtype(at::kFloat)).to(at::kBFloat16);
+  }
+
+  template <class S>
+  class Matrix : public CpuPolicy::Matrix<S> {
+    static_assert(std::is_same_v<S, float>);
+
+   public:
+    explicit Matrix(const at::Tensor& w)
+        : CpuPolicy::Matrix<S>(w), bf16_(w.to(at::kBFloat16)), cols_(w.size(1)) {}
+
+    // The input projection (the forward's only use of W^T): in bfloat16, as the forward did it.
+    void times_transposed(int64_t M, const float* A, float* out, bool accumulate) {
+      bf16_.times_transposed(M, to_bf16(A, M * cols_).data_ptr<BF16>(), out, accumulate);
+    }
+
+   private:
+    Bf16Policy::Matrix<BF16> bf16_;
+    int64_t cols_;
+  };
+
+  template <class S>
+  class Recurrent : public CpuPolicy::Recurrent<S> {
+    static_assert(std::is_same_v<S, float>);
+
+   public:
+    explicit Recurrent(const at::Tensor& w_hh) : CpuPolicy::Recurrent<S>(w_hh), bf16_(w_hh.to(at::kBFloat16)) {}
+
+    // Steps [s0, s0 + n): the bfloat16 forward into bfloat16 copies of their h slots, then back.
+    void fused_forward(const ChunkRecurrenceArgs<float, float>& a) {
+      const int64_t BH = a.B * a.H, first = a.reverse ? a.T - a.s0 - a.n : a.s0, offset = first - a.tlo;
+      const auto bf = at::TensorOptions().dtype(at::kBFloat16);
+      const bool separate = a.r != a.y;
+      const at::Tensor r_init = to_bf16(a.r_init, BH);
+      const at::Tensor bias = a.bias ? to_bf16(a.bias, 4 * a.H) : at::Tensor();
+      at::Tensor y = at::empty({a.n, BH}, bf), r = separate ? at::empty({a.n, BH}, bf) : y;
+      ChunkRecurrenceArgs<BF16, float> b{};
+      b.gates = a.gates + offset * 4 * BH;
+      b.c = a.c + offset * BH;
+      b.y = y.data_ptr<BF16>();
+      b.r = r.data_ptr<BF16>();
+      b.bias = bias.defined() ? bias.data_ptr<BF16>() : nullptr;
+      b.r_init = r_init.data_ptr<BF16>();
+      b.c_init = a.c_init;
+      b.lengths = a.lengths;
+      b.reset = a.reset;
+      b.s0 = a.s0;
+      b.n = a.n;
+      b.tlo = first;
+      b.T = a.T;
+      b.B = a.B;
+      b.H = a.H;
+      b.reverse = a.reverse;
+      bf16_.fused_forward(b);
+      at::from_blob(a.y + offset * BH, {a.n, BH}, at::TensorOptions().dtype(at::kFloat)).copy_(y);
+      if (separate) at::from_blob(a.r + offset * BH, {a.n, BH}, at::TensorOptions().dtype(at::kFloat)).copy_(r);
+    }
+
+   private:
+    Bf16Policy::Recurrent<BF16> bf16_;
+  };
+};
+
+// Bfloat16 layers without a projection run the AVX512-BF16 kernels where the CPU has them.
+bool runs_bf16_kernels(at::ScalarType dtype, bool fused) {
+  return dtype == at::kBFloat16 && fused && bf16_kernels() != nullptr;
+}
+
 at::ScalarType compute_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
@@ -132,8 +268,11 @@ ForwardOut layer_forward(const at::Tensor& x, const at::Tensor& w_ih, const at::
   check_checkpoint_every(checkpoint_every);
   const LayerInputs in(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reset);
   const auto dtype = x.scalar_type(), compute = compute_dtype(dtype);
+  const bool fused = !in.w_hr.defined();
+  if (runs_bf16_kernels(dtype, fused)) {
+    return forward_typed<Bf16Policy, BF16>(in.cast(dtype), reverse, checkpoint_every, fused);
+  }
   const LayerInputs ci = in.cast(compute);
-  const bool fused = !ci.w_hr.defined();
   ForwardOut out = compute == at::kDouble ? forward_typed<CpuPolicy, double>(ci, reverse, checkpoint_every, fused)
                                           : forward_typed<CpuPolicy, float>(ci, reverse, checkpoint_every, fused);
   if (compute != dtype) {
@@ -165,9 +304,14 @@ BackwardOut layer_backward(const std::optional<at::Tensor>& grad_y, const std::o
   const at::Tensor yc = y.to(compute).contiguous(), rc = saved_r.to(compute).contiguous();
   const at::Tensor gc = saved_gates.contiguous(), cc = saved_c.contiguous();
   const bool fused = !ci.w_hr.defined();
+  // After a forward on the bfloat16 kernels the backward runs in float32 too; it recomputes
+  // checkpointed chunks with those kernels.
   BackwardOut out = compute == at::kDouble
                         ? backward_typed<CpuPolicy, double>(ci, dy, dh, dc, yc, gc, cc, rc, reverse,
                                                             checkpoint_every, fused, opts)
+                    : runs_bf16_kernels(dtype, fused)
+                        ? backward_typed<Bf16RecomputePolicy, float>(ci, dy, dh, dc, yc, gc, cc, rc, reverse,
+                                                                     checkpoint_every, fused, opts)
                         : backward_typed<CpuPolicy, float>(ci, dy, dh, dc, yc, gc, cc, rc, reverse,
                                                            checkpoint_every, fused, opts);
   if (compute != dtype) {

@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
+#include "bf16_kernels_cpu.h"
 #include "kernel_table.h"
 
 namespace fastlstm::cpu {
@@ -50,23 +52,45 @@ inline int64_t packed_max_rows() {
   return rows;
 }
 
+// The packed kernel of a dtype and the dtype of its results: T itself, float for bfloat16
+// (only where bf16_kernels() has a table).
+template <class T>
+struct PackedKernels {
+  using Out = T;
+  static const GemmKernels<T>& get() { return gemm_kernels<T>(); }
+};
+
+template <>
+struct PackedKernels<c10::BFloat16> {
+  using Out = float;
+  static const Bf16Kernels& get() {
+    const Bf16Kernels* k = bf16_kernels();
+    TORCH_CHECK(k != nullptr, "fastlstm: internal error: bfloat16 kernels called without AVX512-BF16");
+    return *k;
+  }
+};
+
 template <class T>
 class PackedMatrix {
  public:
+  using Out = typename PackedKernels<T>::Out;
   PackedMatrix() = default;
   // Packs the (rows x cols) matrix whose element (r, c) is src[r * stride_row + c * stride_col].
   PackedMatrix(const T* src, int64_t rows, int64_t cols, int64_t stride_row, int64_t stride_col)
       : rows_(rows), cols_(cols) {
-    const int64_t width = gemm_kernels<T>().panel_width();
+    const auto& k = PackedKernels<T>::get();
+    const int64_t width = k.panel_width();
     const int64_t panels = (cols + width - 1) / width;
-    storage_ = at::zeros({std::max<int64_t>(panels, 1), rows, width},
+    // bfloat16 pairs rows (the reduction), zero-padded to a multiple of 32 (an AMX tile's depth).
+    const int64_t padded = std::is_same_v<T, Out> ? rows : (rows + 31) / 32 * 32;
+    storage_ = at::zeros({std::max<int64_t>(panels, 1), padded, width},
                          at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-    gemm_kernels<T>().pack(src, rows, cols, stride_row, stride_col, storage_.data_ptr<T>());
+    k.pack(src, rows, cols, stride_row, stride_col, storage_.data_ptr<T>());
   }
 
   // C[M, cols] (+)= A[M, rows] * this, A and C row-major with leading dimensions rows and cols.
-  void multiply(int64_t M, const T* A, T* C, bool accumulate) const {
-    gemm_kernels<T>().multiply(M, A, storage_.data_ptr<T>(), rows_, cols_, C, accumulate);
+  void multiply(int64_t M, const T* A, Out* C, bool accumulate) const {
+    PackedKernels<T>::get().multiply(M, A, storage_.data_ptr<T>(), rows_, cols_, C, accumulate);
   }
 
   bool empty() const { return !storage_.defined(); }

@@ -16,7 +16,7 @@ inline bool cuda_compiled() {
 }
 
 // The SIMD level the CPU kernels run at in this process (chosen when first asked, see
-// csrc/cpu/cpu_capability.h).
-inline std::string cpu_capability() { return cpu::capability_name(cpu::capability()); }
+// csrc/cpu/cpu_capability.h), "AVX512_BF16" when bfloat16 layers also run the AVX512-BF16 kernels.
+inline std::string cpu_capability() { return cpu::capability_report(); }
 
 }  // namespace fastlstm

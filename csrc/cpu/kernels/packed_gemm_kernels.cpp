@@ -9,6 +9,7 @@
 
 #include <algorithm>
 
+#include "packed_gemm_tiles.h"
 #include "static_for.h"
 
 namespace fastlstm::cpu::CPU_CAPABILITY {
@@ -86,29 +87,10 @@ void multiply(int64_t M, const T* A, const T* packed, int64_t rows, int64_t cols
     return;
   }
   using Tl = Tiling<T>;
-  const int64_t panels = (cols + Tl::kWidth - 1) / Tl::kWidth;
-  // Tiles run in (row chunk, panel, row block) order: a panel stays in cache across the row
-  // blocks of a chunk, and a chunk of A stays in cache across the panels.
-  constexpr int64_t kChunkBlocks = 16;
-  const int64_t row_blocks = (M + Tl::kRows - 1) / Tl::kRows;
-  const int64_t chunks = (row_blocks + kChunkBlocks - 1) / kChunkBlocks;
-  const int64_t tiles = chunks * panels * kChunkBlocks;
-  // Below ~100k multiply-adds the work is shorter than waking a second thread.
-  const int64_t grain = M * cols * rows < (1 << 17) ? tiles : 1;
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t rb = (t / (panels * kChunkBlocks)) * kChunkBlocks + t % kChunkBlocks;
-      const int64_t p = (t / kChunkBlocks) % panels;
-      if (rb >= row_blocks) continue;
-      const int64_t row0 = rb * Tl::kRows, col0 = p * Tl::kWidth;
-      const int64_t live = std::min<int64_t>(Tl::kRows, M - row0);
-      static_for<Tl::kRows>([&](auto r) {
-        if (live == r + 1) {
-          tile<T, r + 1>(rows, A + row0 * rows, packed + p * rows * Tl::kWidth, C + row0 * cols + col0, cols,
-                         std::min<int64_t>(Tl::kWidth, cols - col0), accumulate);
-        }
-      });
-    }
+  for_each_tile<Tl::kRows, Tl::kWidth>(M, rows, cols, [&](auto r, int64_t row0, int64_t p, int) {
+    const int64_t col0 = p * Tl::kWidth;
+    tile<T, decltype(r)::value>(rows, A + row0 * rows, packed + p * rows * Tl::kWidth, C + row0 * cols + col0, cols,
+                                std::min<int64_t>(Tl::kWidth, cols - col0), accumulate);
   });
 }
 

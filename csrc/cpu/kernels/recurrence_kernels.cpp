@@ -18,9 +18,8 @@
 
 #include <algorithm>
 
-#include "spin_barrier.h"
+#include "fused_forward.h"
 #include "static_for.h"
-#include "vec_math.h"
 
 namespace fastlstm::cpu::CPU_CAPABILITY {
 namespace {
@@ -34,77 +33,6 @@ struct Blocking {
   // Backward carry tile: 4 rows x kCarryBlocks unit blocks of accumulators (16 spilled on AVX2).
   static constexpr int kCarryBlocks = L * sizeof(T) >= 64 ? 4 : 2;
 };
-
-int64_t slices_for(int64_t blocks) {
-  if (at::in_parallel_region()) return 1;  // nested: run serially rather than wait on absent threads
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-}
-
-// Runs body(first_block, last_block, weight) on the threads of one parallel region, each with a
-// contiguous run of unit blocks; weight is what the thread passes to the barrier.
-template <class F>
-void for_each_slice(int64_t blocks, const F& body) {
-  const int64_t slices = slices_for(blocks);
-  at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
-    body(s0 * blocks / slices, s1 * blocks / slices, s1 - s0);
-  });
-}
-
-// The cell update of row b, units [j0, j0 + cnt), from its gates' x W_ih^T + h W_hh^T.
-// Always inlined: a constant cnt (a full block) then removes its masks.
-template <class T>
-C10_ALWAYS_INLINE void cell_epilogue(const ChunkRecurrenceArgs<T, T>& a, at::vec::Vectorized<T> p_i, at::vec::Vectorized<T> p_f,
-                          at::vec::Vectorized<T> p_g, at::vec::Vectorized<T> p_o, int64_t b, int64_t j0, int64_t cnt,
-                          int64_t t, int64_t slot, const T* r_prev, const T* c_prev) {
-  using V = at::vec::Vectorized<T>;
-  const int64_t H = a.H, B = a.B, e = b * H + j0;
-  T* g = a.gates + (slot * B + b) * 4 * H + j0;
-  T* c_next = a.c + slot * B * H + e;
-  T* y = a.y + slot * B * H + e;
-  T* state = a.r != a.y ? a.r + slot * B * H + e : nullptr;
-  if (!row_live(a.lengths, b, t)) {
-    for (int q = 0; q < 4; ++q) V(T(0)).store(g + q * H, cnt);
-    V::loadu(c_prev + e, cnt).store(c_next, cnt);
-    V(T(0)).store(y, cnt);
-    if (state) V::loadu(r_prev + e, cnt).store(state, cnt);
-    return;
-  }
-  const int64_t n_b = row_length(a.lengths, b, a.T);
-  V pre[4] = {p_i, p_f, p_g, p_o};
-  if (a.bias) {
-    for (int q = 0; q < 4; ++q) pre[q] = pre[q] + V::loadu(a.bias + q * H + j0, cnt);
-  }
-  V i, f, gg, o, c, hv;
-  const bool zero_in = state_zeroed_before(a.reset, B, b, t, n_b, a.reverse);
-  fastlstm::cell_forward(pre[0], pre[1], pre[2], pre[3], zero_in ? V(T(0)) : V::loadu(c_prev + e, cnt), i, f, gg, o,
-                         c, hv);
-  i.store(g, cnt);
-  f.store(g + H, cnt);
-  gg.store(g + 2 * H, cnt);
-  o.store(g + 3 * H, cnt);
-  c.store(c_next, cnt);
-  hv.store(y, cnt);
-  if (state) (state_zeroed_after(a.reset, B, b, t, n_b, a.reverse) ? V(T(0)) : hv).store(state, cnt);
-}
-
-// The buffer slot of processing step s (slot = time - tlo; time and step map to each other by
-// the same involution, step_of_time).
-template <class T>
-int64_t slot_of_step(const ChunkRecurrenceArgs<T, T>& a, int64_t s) {
-  return step_of_time(s, a.T, a.reverse) - a.tlo;
-}
-
-// Brings rows [0, B) x units of blocks [ub0, ub1) of a (B, width) slot array into cache ahead
-// of use: the per-step slices of the big gate and state buffers are scattered cache lines that
-// the hardware prefetcher does not anticipate, and each miss would otherwise stall a step.
-template <class T>
-void prefetch_units(const T* base, int64_t B, int64_t width, int64_t parts, int64_t part_stride, int64_t j0,
-                    int64_t j1) {
-  constexpr int64_t kLine = 64 / sizeof(T);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t q = 0; q < parts; ++q)
-      for (int64_t j = j0; j < j1; j += kLine) __builtin_prefetch(base + b * width + q * part_stride + j, 0, 3);
-}
 
 // One forward tile: R rows from row0 x unit block ub: the gates' x W_ih^T plus h_{t-1} W_hh^T
 // accumulated in registers, then the cell update. (Blocking the reduction to keep the panel in
@@ -284,28 +212,10 @@ at::Tensor pack_fused_backward(const T* w, int64_t H) {
 
 template <class T>
 void fused_forward(const ChunkRecurrenceArgs<T, T>& a, const T* p) {
-  if (a.B == 0 || a.H == 0 || a.n == 0) return;
-  constexpr int L = Blocking<T>::L, R = Blocking<T>::kRows;
-  const int64_t H = a.H, B = a.B, blocks = unit_blocks<T>(H);
-  SpinBarrier barrier(slices_for(blocks));
-  for_each_slice(blocks, [&](int64_t ub0, int64_t ub1, int64_t weight) {
-    for (int64_t i = 0; i < a.n; ++i) {
-      const int64_t s = a.s0 + i, slot = slot_of_step(a, s), t = slot + a.tlo;
-      const int64_t prev = i == 0 ? -1 : slot_of_step(a, s - 1);
-      const T* r_prev = prev < 0 ? a.r_init : a.r + prev * B * H;
-      const T* c_prev = prev < 0 ? a.c_init : a.c + prev * B * H;
-      if (i + 1 < a.n) {
-        prefetch_units(a.gates + slot_of_step(a, s + 1) * B * 4 * H, B, 4 * H, 4, H, ub0 * L, std::min(H, ub1 * L));
-      }
-      // Unit block outermost: its panel stays in cache across the row blocks.
-      for (int64_t ub = ub0; ub < ub1; ++ub) {
-        for (int64_t row0 = 0; row0 < B; row0 += R) {
-          forward_rows(a, p + ub * H * 4 * L, ub, row0, std::min<int64_t>(R, B - row0), t, slot, r_prev, c_prev);
-        }
-      }
-      barrier.arrive_and_wait(weight);
-    }
-  });
+  constexpr int L = Blocking<T>::L;
+  fused_forward_steps<L, Blocking<T>::kRows>(
+      a, stateless([&](int64_t ub, int64_t row0, int64_t rows, int64_t t, int64_t slot, const T* r_prev,
+                       const T* c_prev) { forward_rows(a, p + ub * a.H * 4 * L, ub, row0, rows, t, slot, r_prev, c_prev); }));
 }
 
 template <class T>

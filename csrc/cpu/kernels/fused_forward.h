@@ -1,0 +1,150 @@
+// The fused forward's parts that do not depend on how the recurrent product is computed, shared
+// by the float/double kernels (recurrence_kernels.cpp) and the bfloat16 ones
+// (avx512_bf16/bf16_kernels.cpp): the threads' slices of unit blocks, the step loop with its
+// barrier and prefetches, and the cell epilogue. S is the dtype of the state h, the output, the
+// bias and W_hh; A (float or double) that of the gates and the cell state. StateIO<S> loads S
+// into vectors of A and stores them back (the identity for S = A; kernels of another S specialise it).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+
+#include "../../fastlstm/step_args.h"
+#include "spin_barrier.h"
+#include "vec_math.h"
+
+namespace fastlstm::cpu::CPU_CAPABILITY {
+
+template <class S, class A>
+struct StateIO;
+
+template <class T>
+struct StateIO<T, T> {
+  using V = at::vec::Vectorized<T>;
+  static V load(const T* p, int64_t cnt) { return V::loadu(p, cnt); }
+  static void store(const V& v, T* p, int64_t cnt) { v.store(p, cnt); }
+};
+
+inline int64_t slices_for(int64_t blocks) {
+  if (at::in_parallel_region()) return 1;  // nested: run serially rather than wait on absent threads
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+}
+
+// Runs body(first_block, last_block, weight) on the threads of one parallel region, each with a
+// contiguous run of unit blocks; weight is what the thread passes to the barrier.
+template <class F>
+void for_each_slice(int64_t blocks, const F& body) {
+  const int64_t slices = slices_for(blocks);
+  at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
+    body(s0 * blocks / slices, s1 * blocks / slices, s1 - s0);
+  });
+}
+
+// The cell update of row b, units [j0, j0 + cnt), from its gates' x W_ih^T + h W_hh^T.
+// Always inlined: a constant cnt (a full block) then removes its masks.
+template <class S, class A>
+C10_ALWAYS_INLINE void cell_epilogue(const ChunkRecurrenceArgs<S, A>& a, at::vec::Vectorized<A> p_i,
+                                     at::vec::Vectorized<A> p_f, at::vec::Vectorized<A> p_g,
+                                     at::vec::Vectorized<A> p_o, int64_t b, int64_t j0, int64_t cnt, int64_t t,
+                                     int64_t slot, const S* r_prev, const A* c_prev) {
+  using V = at::vec::Vectorized<A>;
+  using IO = StateIO<S, A>;
+  const int64_t H = a.H, B = a.B, e = b * H + j0;
+  A* g = a.gates + (slot * B + b) * 4 * H + j0;
+  A* c_next = a.c + slot * B * H + e;
+  S* y = a.y + slot * B * H + e;
+  S* state = a.r != a.y ? a.r + slot * B * H + e : nullptr;
+  if (!row_live(a.lengths, b, t)) {
+    for (int q = 0; q < 4; ++q) V(A(0)).store(g + q * H, cnt);
+    V::loadu(c_prev + e, cnt).store(c_next, cnt);
+    IO::store(V(A(0)), y, cnt);
+    if (state) IO::store(IO::load(r_prev + e, cnt), state, cnt);
+    return;
+  }
+  const int64_t n_b = row_length(a.lengths, b, a.T);
+  V pre[4] = {p_i, p_f, p_g, p_o};
+  if (a.bias) {
+    for (int q = 0; q < 4; ++q) pre[q] = pre[q] + IO::load(a.bias + q * H + j0, cnt);
+  }
+  V i, f, gg, o, c, hv;
+  const bool zero_in = state_zeroed_before(a.reset, B, b, t, n_b, a.reverse);
+  fastlstm::cell_forward(pre[0], pre[1], pre[2], pre[3], zero_in ? V(A(0)) : V::loadu(c_prev + e, cnt), i, f, gg, o,
+                         c, hv);
+  i.store(g, cnt);
+  f.store(g + H, cnt);
+  gg.store(g + 2 * H, cnt);
+  o.store(g + 3 * H, cnt);
+  c.store(c_next, cnt);
+  IO::store(hv, y, cnt);
+  if (state) IO::store(state_zeroed_after(a.reset, B, b, t, n_b, a.reverse) ? V(A(0)) : hv, state, cnt);
+}
+
+// The buffer slot of processing step s (slot = time - tlo; time and step map to each other by
+// the same involution, step_of_time).
+template <class S, class A>
+int64_t slot_of_step(const ChunkRecurrenceArgs<S, A>& a, int64_t s) {
+  return step_of_time(s, a.T, a.reverse) - a.tlo;
+}
+
+// Brings rows [0, B) x units of blocks [ub0, ub1) of a (B, width) slot array into cache ahead
+// of use: the per-step slices of the big gate and state buffers are scattered cache lines that
+// the hardware prefetcher does not anticipate, and each miss would otherwise stall a step.
+template <class T>
+void prefetch_units(const T* base, int64_t B, int64_t width, int64_t parts, int64_t part_stride, int64_t j0,
+                    int64_t j1) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t q = 0; q < parts; ++q)
+      for (int64_t j = j0; j < j1; j += kLine) __builtin_prefetch(base + b * width + q * part_stride + j, 0, 3);
+}
+
+// Every step of a chunk in one parallel region: each thread computes the gates and cell update
+// of its own unit blocks of L units, kRows rows at a time, then waits for the others (the next
+// step reads every unit of h_t). make_worker() runs on each thread before its first step and
+// returns its worker w: w.step(r_prev) starts each step, w(ub, row0, rows, t, slot, r_prev, c_prev)
+// computes a tile.
+template <int L, int kRows, class S, class A, class MakeWorker>
+void fused_forward_steps(const ChunkRecurrenceArgs<S, A>& a, const MakeWorker& make_worker) {
+  if (a.B == 0 || a.H == 0 || a.n == 0) return;
+  const int64_t H = a.H, B = a.B, blocks = (H + L - 1) / L;
+  SpinBarrier barrier(slices_for(blocks));
+  for_each_slice(blocks, [&](int64_t ub0, int64_t ub1, int64_t weight) {
+    auto worker = make_worker();
+    for (int64_t i = 0; i < a.n; ++i) {
+      const int64_t s = a.s0 + i, slot = slot_of_step(a, s), t = slot + a.tlo;
+      const int64_t prev = i == 0 ? -1 : slot_of_step(a, s - 1);
+      const S* r_prev = prev < 0 ? a.r_init : a.r + prev * B * H;
+      const A* c_prev = prev < 0 ? a.c_init : a.c + prev * B * H;
+      if (i + 1 < a.n) {
+        prefetch_units(a.gates + slot_of_step(a, s + 1) * B * 4 * H, B, 4 * H, 4, H, ub0 * L, std::min(H, ub1 * L));
+      }
+      worker.step(r_prev);
+      // Unit block outermost: its panel stays in cache across the row blocks.
+      for (int64_t ub = ub0; ub < ub1; ++ub) {
+        for (int64_t row0 = 0; row0 < B; row0 += kRows) {
+          worker(ub, row0, std::min<int64_t>(kRows, B - row0), t, slot, r_prev, c_prev);
+        }
+      }
+      barrier.arrive_and_wait(weight);
+    }
+  });
+}
+
+// The worker of a kernel that keeps no per-thread state: rows(...) per tile.
+template <class Rows>
+struct StatelessWorker {
+  const Rows& rows;
+  void step(const void*) const {}
+  template <class... Args>
+  void operator()(Args... args) const { rows(args...); }
+};
+
+template <class Rows>
+auto stateless(const Rows& rows) {
+  return [&rows] { return StatelessWorker<Rows>{rows}; };
+}
+
+}  // namespace fastlstm::cpu::CPU_CAPABILITY
