@@ -148,23 +148,29 @@ SUMMARY = re.compile(r"^(\d+) passed, (\d+) failed$", re.M)
 DIGEST = re.compile(r"^digest ([0-9a-f]+)$", re.M)
 
 
-def run_program(exe: Path, run: Run, filter_: str, digests: set[str]) -> tuple[int, int]:
+@dataclass
+class Outcome:
+    passed: int
+    failed: int
+    report: str  # what the program printed, headed by what it ran
+    digests: list[str]
+
+
+def run_program(exe: Path, run: Run, filter_: str) -> Outcome:
     env = dict(os.environ, **run.env)
     if run.variant.sanitize:
         # libtorch is not instrumented; leaks at exit in its static state are not ours.
         env.setdefault("ASAN_OPTIONS", "detect_leaks=0:abort_on_error=1")
         env.setdefault("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
-    print(f"--- {exe.name} [{run.describe()}]", flush=True)
     proc = subprocess.run([str(exe), filter_], env=env, capture_output=True, text=True)
-    sys.stdout.write(proc.stdout)
-    sys.stdout.write(proc.stderr)
-    digests.update(DIGEST.findall(proc.stdout))
+    report = f"--- {exe.name} [{run.describe()}]\n{proc.stdout}{proc.stderr}"
     m = SUMMARY.findall(proc.stdout)
     if proc.returncode != 0 and not m:
-        print(f"cuda_emu: {exe.name} exited with status {proc.returncode} before its summary")
-        return 0, 1
+        report += f"cuda_emu: {exe.name} exited with status {proc.returncode} before its summary\n"
+        return Outcome(0, 1, report, DIGEST.findall(proc.stdout))
     passed, failed = (int(v) for v in m[-1]) if m else (0, 1)
-    return passed, failed + (1 if proc.returncode != 0 and failed == 0 else 0)
+    return Outcome(passed, failed + (1 if proc.returncode != 0 and failed == 0 else 0), report,
+                   DIGEST.findall(proc.stdout))
 
 
 def gpu(jobs: int) -> int:
@@ -201,12 +207,19 @@ def main() -> int:
     passed = failed = 0
     built: dict[str, dict[str, Path]] = {}
     digests: set[str] = set()
-    for run in runs:
-        if run.variant.name not in built:
-            built[run.variant.name] = build(run.variant, args.jobs)
-        for exe in built[run.variant.name].values():
-            p, f = run_program(exe, run, args.filter, digests)
-            passed, failed = passed + p, failed + f
+    for variant in dict.fromkeys(run.variant.name for run in runs):
+        variant_runs = [run for run in runs if run.variant.name == variant]
+        built[variant] = build(variant_runs[0].variant, args.jobs)
+        # Each program is single-threaded (the emulator schedules the CUDA threads itself): the
+        # runs of a build go side by side, one per core, their reports printed in order.
+        programs = [(exe, run) for run in variant_runs for exe in built[variant].values()]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            outcomes = list(pool.map(lambda job: run_program(job[0], job[1], args.filter), programs))
+        for outcome in outcomes:
+            sys.stdout.write(outcome.report)
+            digests.update(outcome.digests)
+            passed, failed = passed + outcome.passed, failed + outcome.failed
+        sys.stdout.flush()
     # The reproducibility test's digest must not depend on the schedule (or the sanitizer build).
     if len(digests) > 1:
         print(f"FAIL results differ between schedules: digests {sorted(digests)}")
