@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <functional>
@@ -86,9 +87,17 @@ inline int main(int argc, char** argv) {
     return 2;
   }
   const char* filter = argc > 1 ? argv[1] : "";
-  int passed = 0, failed = 0;
+  // CUDA_EMU_SHARD=i/n: only the tests at positions i, i + n, ... of the registry (run.py runs a
+  // build's tests in n processes side by side).
+  int shard = 0, shards = 1;
+  if (const char* s = std::getenv("CUDA_EMU_SHARD"); s != nullptr && std::sscanf(s, "%d/%d", &shard, &shards) != 2) {
+    std::fprintf(stderr, "CUDA_EMU_SHARD must be i/n, got '%s'\n", s);
+    return 2;
+  }
+  int passed = 0, failed = 0, position = -1;
   for (const Test& t : registry()) {
-    if (t.name.find(filter) == std::string::npos) continue;
+    ++position;
+    if (t.name.find(filter) == std::string::npos || position % shards != shard) continue;
     const auto start = std::chrono::steady_clock::now();
     current_failures() = 0;
     if (t.expected_abort) {

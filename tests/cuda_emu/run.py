@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -211,8 +211,13 @@ def main() -> int:
         variant_runs = [run for run in runs if run.variant.name == variant]
         built[variant] = build(variant_runs[0].variant, args.jobs)
         # Each program is single-threaded (the emulator schedules the CUDA threads itself): the
-        # runs of a build go side by side, one per core, their reports printed in order.
-        programs = [(exe, run) for run in variant_runs for exe in built[variant].values()]
+        # runs of a build go side by side, one per core, the layer tests of a build with fewer
+        # runs than cores split into shards; their reports printed in order.
+        shards = max(1, args.jobs // len(variant_runs))
+        programs = [(exe, replace(run, env={**run.env, "CUDA_EMU_SHARD": f"{i}/{shards}"}) if name == "layer_tests"
+                     else run)
+                    for run in variant_runs for name, exe in built[variant].items()
+                    for i in range(shards if name == "layer_tests" else 1)]
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             outcomes = list(pool.map(lambda job: run_program(job[0], job[1], args.filter), programs))
         for outcome in outcomes:
