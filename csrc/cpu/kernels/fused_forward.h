@@ -28,6 +28,25 @@ struct StateIO<T, T> {
   static void store(const V& v, T* p, int64_t cnt) { v.store(p, cnt); }
 };
 
+// The fused forward's W_hh panels, unit blocks of L units with the four gates of each unit side
+// by side: packed[ub][k / P][gate][l][k % P] = W_hh[gate * H + ub * L + l, k] (W_hh is 4H x H),
+// zero past H units and for k in [H, depth). P = 1 for the float kernels; 2 for the bfloat16
+// ones, which read the reduction in pairs (vdpbf16ps, AMX), with depth padded to their tiles.
+template <int P, class T>
+at::Tensor pack_gate_panels(const T* w, int64_t H, int64_t L, int64_t depth) {
+  const int64_t K = H, blocks = (H + L - 1) / L;
+  at::Tensor packed = at::zeros({blocks, depth / P, 4, L, P}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* p = packed.data_ptr<T>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t ub = b0; ub < b1; ++ub)
+      for (int64_t k = 0; k < K; ++k)
+        for (int g = 0; g < 4; ++g)
+          for (int64_t l = 0; l < L && ub * L + l < H; ++l)
+            p[(((ub * (depth / P) + k / P) * 4 + g) * L + l) * P + k % P] = w[(g * H + ub * L + l) * K + k];
+  });
+  return packed;
+}
+
 inline int64_t slices_for(int64_t blocks) {
   if (at::in_parallel_region()) return 1;  // nested: run serially rather than wait on absent threads
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));

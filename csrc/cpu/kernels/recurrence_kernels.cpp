@@ -180,19 +180,7 @@ int64_t unit_blocks(int64_t H) {
 // Forward panels: packed[ub][k][gate][l] = W_hh[gate * H + ub * L + l, k], zero past H.
 template <class T>
 at::Tensor pack_fused_forward(const T* w, int64_t H) {
-  const int64_t K = H;
-  constexpr int L = Blocking<T>::L;
-  const int64_t blocks = unit_blocks<T>(H);
-  at::Tensor packed = at::zeros({blocks, K, 4, L}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-  T* p = packed.data_ptr<T>();
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t ub = b0; ub < b1; ++ub)
-      for (int64_t k = 0; k < K; ++k)
-        for (int g = 0; g < 4; ++g)
-          for (int64_t l = 0; l < L && ub * L + l < H; ++l)
-            p[((ub * K + k) * 4 + g) * L + l] = w[(g * H + ub * L + l) * K + k];
-  });
-  return packed;
+  return pack_gate_panels<1>(w, H, Blocking<T>::L, H);
 }
 
 // Backward panels: packed[ub][n][l] = W_hh[n, ub * L + l], zero past H.

@@ -148,19 +148,7 @@ constexpr int kRows = 4;
 
 // Forward panels: packed[ub][k / 2][gate][l][k % 2] = W_hh[gate * H + ub * L + l, k], zero past H
 // (units) and past K (padded_pairs).
-at::Tensor pack_forward(const BF* w, int64_t H) {
-  const int64_t K = H, pairs = padded_pairs(K), blocks = (H + L - 1) / L;
-  at::Tensor packed = at::zeros({blocks, pairs, 4, L, 2}, at::TensorOptions().dtype(at::kBFloat16));
-  BF* p = packed.data_ptr<BF>();
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t ub = b0; ub < b1; ++ub)
-      for (int64_t k = 0; k < K; ++k)
-        for (int g = 0; g < 4; ++g)
-          for (int64_t l = 0; l < L && ub * L + l < H; ++l)
-            p[((((ub * pairs + k / 2) * 4 + g) * L + l) * 2) + k % 2] = w[(g * H + ub * L + l) * K + k];
-  });
-  return packed;
-}
+at::Tensor pack_forward(const BF* w, int64_t H) { return pack_gate_panels<2>(w, H, L, 2 * padded_pairs(H)); }
 
 // R rows from row0 x unit block ub: the gates' x W_ih^T (already in a.gates) plus h_{t-1} W_hh^T
 // accumulated in registers, then the cell update.
