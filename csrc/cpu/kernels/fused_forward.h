@@ -121,7 +121,7 @@ void prefetch_units(const T* base, int64_t B, int64_t width, int64_t parts, int6
 }
 
 // Every step of a chunk in one parallel region: each thread computes the gates and cell update
-// of its own unit blocks of L units, kRows rows at a time, then waits for the others (the next
+// of its own unit blocks of L units, up to kRows rows at a time, then waits for the others (the next
 // step reads every unit of h_t). make_worker() runs on each thread before its first step and
 // returns its worker w: w.step(r_prev) starts each step, w(ub, row0, rows, t, slot, r_prev, c_prev)
 // computes a tile.
@@ -129,6 +129,10 @@ template <int L, int kRows, class S, class A, class MakeWorker>
 void fused_forward_steps(const ChunkRecurrenceArgs<S, A>& a, const MakeWorker& make_worker) {
   if (a.B == 0 || a.H == 0 || a.n == 0) return;
   const int64_t H = a.H, B = a.B, blocks = (H + L - 1) / L;
+  // Row blocks of at most kRows rows, as even as they go (16 rows in 6-row tiles: 5 + 5 + 6, not
+  // 6 + 6 + 4): a short tile reads the same panel for fewer rows. A row's result does not
+  // depend on its tile.
+  const int64_t row_blocks = (B + kRows - 1) / kRows;
   SpinBarrier barrier(slices_for(blocks));
   for_each_slice(blocks, [&](int64_t ub0, int64_t ub1, int64_t weight) {
     auto worker = make_worker();
@@ -143,8 +147,9 @@ void fused_forward_steps(const ChunkRecurrenceArgs<S, A>& a, const MakeWorker& m
       worker.step(r_prev);
       // Unit block outermost: its panel stays in cache across the row blocks.
       for (int64_t ub = ub0; ub < ub1; ++ub) {
-        for (int64_t row0 = 0; row0 < B; row0 += kRows) {
-          worker(ub, row0, std::min<int64_t>(kRows, B - row0), t, slot, r_prev, c_prev);
+        for (int64_t r = 0; r < row_blocks; ++r) {
+          const int64_t row0 = r * B / row_blocks;
+          worker(ub, row0, (r + 1) * B / row_blocks - row0, t, slot, r_prev, c_prev);
         }
       }
       barrier.arrive_and_wait(weight);

@@ -18,13 +18,16 @@ namespace {
 template <class T>
 struct Tiling {
   using V = at::vec::Vectorized<T>;
-  static constexpr int kRows = 4;
-  // AVX-512 has 32 vector registers, AVX2 16: 12 or 8 accumulators plus loads and broadcasts.
-  static constexpr int kVecs = V::size() * sizeof(T) >= 64 ? 3 : 2;
+  // AVX-512 has 32 vector registers, AVX2 16: 24 or 8 accumulators plus loads and broadcasts.
+  // 8 x 3 on AVX-512: 4 x 3 ran at half the FMA peak at depth 256, where its panel (48 KiB)
+  // streams from L2, 8 x 3 at 75% (benchmarks/NOTES.md).
+  static constexpr bool kWide = V::size() * sizeof(T) >= 64;
+  static constexpr int kRows = kWide ? 8 : 4;
+  static constexpr int kVecs = kWide ? 3 : 2;
   static constexpr int kWidth = kVecs * V::size();
 };
 
-// R rows (R <= kRows: a short last row block, or a batch of 1 to 3, computes no spare rows).
+// R rows (R <= kRows: a short last row block, or a small batch, computes no spare rows).
 // A row's result does not depend on R or on M (the same FMA sequence for every row): the forward
 // is bit-identical however its steps are chunked (checkpointing, inference chunks).
 template <class T, int R>

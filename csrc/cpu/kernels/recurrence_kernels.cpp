@@ -8,7 +8,7 @@
 //   forward   gates of own units = Gx + h_{t-1} W_hh^T (register tile of kRows rows x 4 gate
 //             vectors), cell update in registers, h_t written; one barrier.
 //   backward  cell backward of own units -> dG_t; barrier; carry_h of own units
-//             += dG_t W_hh[:, own] (register tile of 4 rows x up to 4 unit blocks).
+//             += dG_t W_hh[:, own] (register tile of kCarryRows rows x kCarryBlocks unit blocks).
 // The semantics (padding, resets, truncation, clipping, norms) are cell_math.h's, as in the stepwise path.
 #include "../lstm_recurrence_cpu.h"
 
@@ -28,20 +28,25 @@ template <class T>
 struct Blocking {
   using V = at::vec::Vectorized<T>;
   static constexpr int L = V::size();
-  // Forward tile: kRows x 4 accumulators (AVX-512 has 32 vector registers, AVX2 16).
-  static constexpr int kRows = L * sizeof(T) >= 64 ? 4 : 2;
-  // Backward carry tile: 4 rows x kCarryBlocks unit blocks of accumulators (16 spilled on AVX2).
+  // Forward tile: up to kRows x 4 accumulators (AVX-512 has 32 vector registers, AVX2 16). Six
+  // rows on AVX-512 (24 accumulators, 4 weights, 1 broadcast): with 4 rows the tile ran at
+  // 50-65% of the FMA peak once its panel (256 B per k) no longer fits L1, with 5-6 at 75%
+  // (benchmarks/NOTES.md).
+  static constexpr int kRows = L * sizeof(T) >= 64 ? 6 : 2;
+  // Backward carry tile: up to kCarryRows rows x kCarryBlocks unit blocks of accumulators (16
+  // spilled on AVX2; 6 x 4 on AVX-512 for the same reason as the forward's 6 rows).
+  static constexpr int kCarryRows = L * sizeof(T) >= 64 ? 6 : 4;
   static constexpr int kCarryBlocks = L * sizeof(T) >= 64 ? 4 : 2;
 };
 
 // One forward tile: R rows from row0 x unit block ub: the gates' x W_ih^T plus h_{t-1} W_hh^T
-// accumulated in registers, then the cell update. (Blocking the reduction to keep the panel in
-// L1 measured slower: the panel streams from L2 fast enough.) kFull: the block has L units, so
-// no access is masked. On AVX2 the masks of a partial block live in vector registers, and GCC
-// kept them live across the reduction loop and spilled the accumulators to the stack instead
-// (a load and a store per FMA, the forward 2.8x slower than AVX-512 instead of 2x).
+// accumulated in registers, then the cell update. kFull: the block has L units, so no access is
+// masked. On AVX2 the masks of a partial block live in vector registers, and GCC kept them live
+// across the reduction loop and spilled the accumulators to the stack instead (a load and a
+// store per FMA, the forward 2.8x slower than AVX-512 instead of 2x). Never inlined: inlined
+// into the step loop, GCC stored some tiles' accumulators to the stack on every k.
 template <class T, int R, bool kFull>
-void forward_tile(const ChunkRecurrenceArgs<T, T>& a, const T* panel, int64_t ub, int64_t row0, int64_t t,
+C10_NOINLINE void forward_tile(const ChunkRecurrenceArgs<T, T>& a, const T* panel, int64_t ub, int64_t row0, int64_t t,
                   int64_t slot, const T* r_prev, const T* c_prev) {
   using V = typename Blocking<T>::V;
   constexpr int L = Blocking<T>::L;
@@ -87,7 +92,7 @@ void forward_rows(const ChunkRecurrenceArgs<T, T>& a, const T* panel, int64_t ub
 
 // carry[R rows from row0, NV unit blocks from ub] += dG_t[rows, :] W_hh[:, those units]
 template <class T, int R, int NV>
-void carry_tile(const ChunkRecurrenceArgs<T, T>& a, const T* packed, int64_t ub, int64_t row0, const T* dg) {
+C10_NOINLINE void carry_tile(const ChunkRecurrenceArgs<T, T>& a, const T* packed, int64_t ub, int64_t row0, const T* dg) {
   using V = typename Blocking<T>::V;
   constexpr int L = Blocking<T>::L;
   const int64_t H = a.H, G = 4 * H;
@@ -116,15 +121,15 @@ void carry_tile(const ChunkRecurrenceArgs<T, T>& a, const T* packed, int64_t ub,
   });
 }
 
-// Unit blocks [ub0, ub1) x rows [row0, row0 + rows), rows <= 4: groups of up to kCarryBlocks unit
-// blocks (one broadcast then serves that many blocks, one weight load 4 rows).
+// Unit blocks [ub0, ub1) x rows [row0, row0 + rows), rows <= kCarryRows: groups of up to
+// kCarryBlocks unit blocks (one broadcast then serves that many blocks, one weight load all rows).
 template <class T>
 void carry_rows(const ChunkRecurrenceArgs<T, T>& a, const T* packed, int64_t ub0, int64_t ub1, int64_t row0,
                 int64_t rows, const T* dg) {
   constexpr int G = Blocking<T>::kCarryBlocks;
   for (int64_t ub = ub0; ub < ub1;) {
     const int64_t group = std::min<int64_t>(G, ub1 - ub);
-    static_for<4>([&](auto r) {
+    static_for<Blocking<T>::kCarryRows>([&](auto r) {
       if (rows != r + 1) return;
       static_for<G>([&](auto v) {
         if (group == v + 1) carry_tile<T, r + 1, v + 1>(a, packed, ub, row0, dg);
@@ -211,6 +216,7 @@ void fused_backward(const ChunkRecurrenceArgs<T, T>& a, const T* p) {
   if (a.B == 0 || a.H == 0 || a.n == 0) return;
   constexpr int L = Blocking<T>::L;
   const int64_t H = a.H, B = a.B, blocks = unit_blocks<T>(H);
+  const int64_t carry_row_blocks = (B + Blocking<T>::kCarryRows - 1) / Blocking<T>::kCarryRows;
   SpinBarrier barrier(slices_for(blocks));
   for_each_slice(blocks, [&](int64_t ub0, int64_t ub1, int64_t weight) {
     for (int64_t i = a.n - 1; i >= 0; --i) {
@@ -236,7 +242,10 @@ void fused_backward(const ChunkRecurrenceArgs<T, T>& a, const T* p) {
         }
       }
       barrier.arrive_and_wait(weight);  // dG_t complete for every unit
-      for (int64_t row0 = 0; row0 < B; row0 += 4) carry_rows(a, p, ub0, ub1, row0, std::min<int64_t>(4, B - row0), dgates);
+      for (int64_t r = 0; r < carry_row_blocks; ++r) {  // as even as they go, as the forward's
+        const int64_t row0 = r * B / carry_row_blocks;
+        carry_rows(a, p, ub0, ub1, row0, (r + 1) * B / carry_row_blocks - row0, dgates);
+      }
       // The next step's cell backward reads only this thread's own carries: no barrier needed.
     }
   });
