@@ -62,6 +62,15 @@ void for_each_slice(int64_t blocks, const F& body) {
   });
 }
 
+// Calls f(row0, rows) for row blocks of at most kMax of B rows, as even as they go (16 rows in
+// blocks of 6: 5 + 5 + 6, not 6 + 6 + 4): a short tile reads the same panel for fewer rows. The
+// tiles compute each row alike, so a row's result does not depend on its block.
+template <int kMax, class F>
+void for_each_row_block(int64_t B, const F& f) {
+  const int64_t blocks = (B + kMax - 1) / kMax;
+  for (int64_t r = 0; r < blocks; ++r) f(r * B / blocks, (r + 1) * B / blocks - r * B / blocks);
+}
+
 // The cell update of row b, units [j0, j0 + cnt), from its gates' x W_ih^T + h W_hh^T.
 // Always inlined: a constant cnt (a full block) then removes its masks.
 template <class S, class A>
@@ -129,10 +138,6 @@ template <int L, int kRows, class S, class A, class MakeWorker>
 void fused_forward_steps(const ChunkRecurrenceArgs<S, A>& a, const MakeWorker& make_worker) {
   if (a.B == 0 || a.H == 0 || a.n == 0) return;
   const int64_t H = a.H, B = a.B, blocks = (H + L - 1) / L;
-  // Row blocks of at most kRows rows, as even as they go (16 rows in 6-row tiles: 5 + 5 + 6, not
-  // 6 + 6 + 4): a short tile reads the same panel for fewer rows. A row's result does not
-  // depend on its tile.
-  const int64_t row_blocks = (B + kRows - 1) / kRows;
   SpinBarrier barrier(slices_for(blocks));
   for_each_slice(blocks, [&](int64_t ub0, int64_t ub1, int64_t weight) {
     auto worker = make_worker();
@@ -147,10 +152,9 @@ void fused_forward_steps(const ChunkRecurrenceArgs<S, A>& a, const MakeWorker& m
       worker.step(r_prev);
       // Unit block outermost: its panel stays in cache across the row blocks.
       for (int64_t ub = ub0; ub < ub1; ++ub) {
-        for (int64_t r = 0; r < row_blocks; ++r) {
-          const int64_t row0 = r * B / row_blocks;
-          worker(ub, row0, (r + 1) * B / row_blocks - row0, t, slot, r_prev, c_prev);
-        }
+        for_each_row_block<kRows>(B, [&](int64_t row0, int64_t rows) {
+          worker(ub, row0, rows, t, slot, r_prev, c_prev);
+        });
       }
       barrier.arrive_and_wait(weight);
     }

@@ -216,7 +216,6 @@ void fused_backward(const ChunkRecurrenceArgs<T, T>& a, const T* p) {
   if (a.B == 0 || a.H == 0 || a.n == 0) return;
   constexpr int L = Blocking<T>::L;
   const int64_t H = a.H, B = a.B, blocks = unit_blocks<T>(H);
-  const int64_t carry_row_blocks = (B + Blocking<T>::kCarryRows - 1) / Blocking<T>::kCarryRows;
   SpinBarrier barrier(slices_for(blocks));
   for_each_slice(blocks, [&](int64_t ub0, int64_t ub1, int64_t weight) {
     for (int64_t i = a.n - 1; i >= 0; --i) {
@@ -242,10 +241,8 @@ void fused_backward(const ChunkRecurrenceArgs<T, T>& a, const T* p) {
         }
       }
       barrier.arrive_and_wait(weight);  // dG_t complete for every unit
-      for (int64_t r = 0; r < carry_row_blocks; ++r) {  // as even as they go, as the forward's
-        const int64_t row0 = r * B / carry_row_blocks;
-        carry_rows(a, p, ub0, ub1, row0, (r + 1) * B / carry_row_blocks - row0, dgates);
-      }
+      for_each_row_block<Blocking<T>::kCarryRows>(
+          B, [&](int64_t row0, int64_t rows) { carry_rows(a, p, ub0, ub1, row0, rows, dgates); });
       // The next step's cell backward reads only this thread's own carries: no barrier needed.
     }
   });
