@@ -5,8 +5,8 @@
 // of one vector (L units) and each thread owns a contiguous run of blocks: all four gates of its
 // units in the forward, the same units' columns of W_hh in the backward. Its slice of W_hh is
 // packed once, so it stays in that core's cache for the whole sequence. Per step:
-//   forward   gates of own units = Gx + h_{t-1} W_hh^T (register tile of kRows rows x 4 gate
-//             vectors), cell update in registers, h_t written; one barrier.
+//   forward   gates of own units = Gx + h_{t-1} W_hh^T (register tile of kRows rows x
+//             kGatesPerPass gate vectors), cell update in registers, h_t written; one barrier.
 //   backward  cell backward of own units -> dG_t; barrier; carry_h of own units
 //             += dG_t W_hh[:, own] (register tile of kCarryRows rows x kCarryBlocks unit blocks).
 // The semantics (padding, resets, truncation, clipping, norms) are cell_math.h's, as in the stepwise path.
@@ -28,49 +28,73 @@ template <class T>
 struct Blocking {
   using V = at::vec::Vectorized<T>;
   static constexpr int L = V::size();
-  // Forward tile: up to kRows x 4 accumulators (AVX-512 has 32 vector registers, AVX2 16). Six
-  // rows on AVX-512 (24 accumulators, 4 weights, 1 broadcast): with 4 rows the tile ran at
-  // 50-65% of the FMA peak once its panel (256 B per k) no longer fits L1, with 5-6 at 75%
-  // (benchmarks/NOTES.md).
-  static constexpr int kRows = L * sizeof(T) >= 64 ? 6 : 2;
-  // Backward carry tile: up to kCarryRows rows x kCarryBlocks unit blocks of accumulators (16
-  // spilled on AVX2; 6 x 4 on AVX-512 for the same reason as the forward's 6 rows).
-  static constexpr int kCarryRows = L * sizeof(T) >= 64 ? 6 : 4;
-  static constexpr int kCarryBlocks = L * sizeof(T) >= 64 ? 4 : 2;
+  static constexpr bool kWide = L * sizeof(T) >= 64;  // AVX-512: 32 vector registers, else 16
+  // Forward tile: up to kRows rows x kGatesPerPass gate vectors of accumulators, one broadcast
+  // and kGatesPerPass weights. Six rows: with 4 the tile ran at 50-65% of the FMA peak once its
+  // panel no longer fits L1, with 5-6 at 75% (benchmarks/NOTES.md). AVX-512 holds all four
+  // gates (24 accumulators); AVX2 has room for 6 x 2 (12 accumulators, each weight read once
+  // per 6 rows), so it takes the gates in two passes, the first one's sums parked in the gate buffer.
+  static constexpr int kRows = 6;
+  static constexpr int kGatesPerPass = kWide ? 4 : 2;
+  // Backward carry tile: up to kCarryRows rows x kCarryBlocks unit blocks of accumulators.
+  static constexpr int kCarryRows = 6;
+  static constexpr int kCarryBlocks = kWide ? 4 : 2;
 };
+
+// cell_epilogue of one row of a forward tile (kFull: cnt = L). Out of line: inlined into the
+// tile, GCC gave the accumulator array an address and stored it on every k.
+template <class T, bool kFull>
+C10_NOINLINE void row_epilogue(const ChunkRecurrenceArgs<T, T>& a, at::vec::Vectorized<T> p_i, at::vec::Vectorized<T> p_f,
+                               at::vec::Vectorized<T> p_g, at::vec::Vectorized<T> p_o, int64_t b, int64_t j0,
+                               int64_t cnt, int64_t t, int64_t slot, const T* r_prev, const T* c_prev) {
+  cell_epilogue(a, p_i, p_f, p_g, p_o, b, j0, kFull ? Blocking<T>::L : cnt, t, slot, r_prev, c_prev);
+}
 
 // One forward tile: R rows from row0 x unit block ub: the gates' x W_ih^T plus h_{t-1} W_hh^T
 // accumulated in registers, then the cell update. kFull: the block has L units, so no access is
-// masked. On AVX2 the masks of a partial block live in vector registers, and GCC kept them live
-// across the reduction loop and spilled the accumulators to the stack instead (a load and a
-// store per FMA, the forward 2.8x slower than AVX-512 instead of 2x). Never inlined: inlined
-// into the step loop, GCC stored some tiles' accumulators to the stack on every k.
+// masked. Never inlined: inlined into the step loop, GCC stored some tiles' accumulators to the
+// stack on every k. Each gate's sum is Gx + h_{t-1}[0] w[0] + ... in k order in every tiling,
+// so a row's result does not depend on its tile or pass.
 template <class T, int R, bool kFull>
 C10_NOINLINE void forward_tile(const ChunkRecurrenceArgs<T, T>& a, const T* panel, int64_t ub, int64_t row0, int64_t t,
                   int64_t slot, const T* r_prev, const T* c_prev) {
   using V = typename Blocking<T>::V;
-  constexpr int L = Blocking<T>::L;
+  constexpr int L = Blocking<T>::L, NG = Blocking<T>::kGatesPerPass, kPasses = 4 / NG;
   const int64_t H = a.H, B = a.B, K = a.H, j0 = ub * L, cnt = kFull ? L : std::min<int64_t>(L, H - j0);
   T* g0 = a.gates + (slot * B + row0) * 4 * H + j0;
-  V acc[R][4];
   const T* h[R];
-  static_for<R>([&](auto m) {
-    h[m] = r_prev + (row0 + m) * K;
-    static_for<4>([&](auto q) { acc[m][q] = V::loadu(g0 + m * 4 * H + q * H, cnt); });
-  });
-  for (int64_t k = 0; k < K; ++k) {
-    const T* w = panel + k * 4 * L;
-    const V w0 = V::loadu(w), w1 = V::loadu(w + L), w2 = V::loadu(w + 2 * L), w3 = V::loadu(w + 3 * L);
+  static_for<R>([&](auto m) { h[m] = r_prev + (row0 + m) * K; });
+  // Always inlined: an outlined pass keeps its accumulators in memory.
+  static_for<kPasses>([&](auto p) C10_ALWAYS_INLINE_ATTRIBUTE {
+    constexpr int q0 = p * NG;
+    V acc[R][NG];
     static_for<R>([&](auto m) {
-      const V s(h[m][k]);
-      acc[m][0] = at::vec::fmadd(s, w0, acc[m][0]);
-      acc[m][1] = at::vec::fmadd(s, w1, acc[m][1]);
-      acc[m][2] = at::vec::fmadd(s, w2, acc[m][2]);
-      acc[m][3] = at::vec::fmadd(s, w3, acc[m][3]);
+      static_for<NG>([&](auto q) { acc[m][q] = V::loadu(g0 + m * 4 * H + (q0 + q) * H, cnt); });
     });
-  }
-  static_for<R>([&](auto m) {
-    cell_epilogue(a, acc[m][0], acc[m][1], acc[m][2], acc[m][3], row0 + m, j0, cnt, t, slot, r_prev, c_prev);
+    for (int64_t k = 0; k < K; ++k) {
+      const T* w = panel + k * 4 * L + q0 * L;
+      V wq[NG];
+      static_for<NG>([&](auto q) { wq[q] = V::loadu(w + q * L); });
+      static_for<R>([&](auto m) {
+        const V s(h[m][k]);
+        static_for<NG>([&](auto q) { acc[m][q] = at::vec::fmadd(s, wq[q], acc[m][q]); });
+      });
+    }
+    if constexpr (p + 1 < kPasses) {
+      static_for<R>([&](auto m) {
+        static_for<NG>([&](auto q) { acc[m][q].store(g0 + m * 4 * H + (q0 + q) * H, cnt); });
+      });
+      // Read the parked sums back from memory: kept in registers across the next pass, they
+      // would crowd out its accumulators.
+      asm volatile("" ::: "memory");
+    } else {
+      static_for<R>([&](auto m) {
+        V pre[4];
+        static_for<q0>([&](auto q) { pre[q] = V::loadu(g0 + m * 4 * H + q * H, cnt); });
+        static_for<NG>([&](auto q) { pre[q0 + q] = acc[m][q]; });
+        row_epilogue<T, kFull>(a, pre[0], pre[1], pre[2], pre[3], row0 + m, j0, cnt, t, slot, r_prev, c_prev);
+      });
+    }
   });
 }
 
