@@ -6,7 +6,7 @@
 // units in the forward, the same units' columns of W_hh in the backward. Its slice of W_hh is
 // packed once, so it stays in that core's cache for the whole sequence. Per step:
 //   forward   gates of own units = Gx + h_{t-1} W_hh^T (register tile of kRows rows x
-//             kGatesPerPass gate vectors), cell update in registers, h_t written; one barrier.
+//             gates_per_pass gate vectors), cell update in registers, h_t written; one barrier.
 //   backward  cell backward of own units -> dG_t; barrier; carry_h of own units
 //             += dG_t W_hh[:, own] (register tile of kCarryRows rows x kCarryBlocks unit blocks).
 // The semantics (padding, resets, truncation, clipping, norms) are cell_math.h's, as in the stepwise path.
@@ -29,13 +29,16 @@ struct Blocking {
   using V = at::vec::Vectorized<T>;
   static constexpr int L = V::size();
   static constexpr bool kWide = L * sizeof(T) >= 64;  // AVX-512: 32 vector registers, else 16
-  // Forward tile: up to kRows rows x kGatesPerPass gate vectors of accumulators, one broadcast
-  // and kGatesPerPass weights. Six rows: with 4 the tile ran at 50-65% of the FMA peak once its
+  // Forward tile: up to kRows rows x gates_per_pass gate vectors of accumulators, one broadcast
+  // and gates_per_pass weights. Six rows: with 4 the tile ran at 50-65% of the FMA peak once its
   // panel no longer fits L1, with 5-6 at 75% (benchmarks/NOTES.md). AVX-512 holds all four
   // gates (24 accumulators); AVX2 has room for 6 x 2 (12 accumulators, each weight read once
   // per 6 rows), so it takes the gates in two passes, the first one's sums parked in the gate buffer.
   static constexpr int kRows = 6;
-  static constexpr int kGatesPerPass = kWide ? 4 : 2;
+  // Up to 2 rows all four gates fit AVX2 too, and 2 gates of 1-2 rows would leave too few
+  // independent FMA chains to hide the FMA latency (1 row x 2 gates ran at half the speed).
+  template <int R>
+  static constexpr int gates_per_pass() { return kWide || R <= 2 ? 4 : 2; }
   // Backward carry tile: up to kCarryRows rows x kCarryBlocks unit blocks of accumulators.
   static constexpr int kCarryRows = 6;
   static constexpr int kCarryBlocks = kWide ? 4 : 2;
@@ -59,7 +62,7 @@ template <class T, int R, bool kFull>
 C10_NOINLINE void forward_tile(const ChunkRecurrenceArgs<T, T>& a, const T* panel, int64_t ub, int64_t row0, int64_t t,
                   int64_t slot, const T* r_prev, const T* c_prev) {
   using V = typename Blocking<T>::V;
-  constexpr int L = Blocking<T>::L, NG = Blocking<T>::kGatesPerPass, kPasses = 4 / NG;
+  constexpr int L = Blocking<T>::L, NG = Blocking<T>::template gates_per_pass<R>(), kPasses = 4 / NG;
   const int64_t H = a.H, B = a.B, K = a.H, j0 = ub * L, cnt = kFull ? L : std::min<int64_t>(L, H - j0);
   T* g0 = a.gates + (slot * B + row0) * 4 * H + j0;
   const T* h[R];
@@ -230,9 +233,15 @@ at::Tensor pack_fused_backward(const T* w, int64_t H) {
 template <class T>
 void fused_forward(const ChunkRecurrenceArgs<T, T>& a, const T* p) {
   constexpr int L = Blocking<T>::L;
-  fused_forward_steps<L, Blocking<T>::kRows>(
-      a, stateless([&](int64_t ub, int64_t row0, int64_t rows, int64_t t, int64_t slot, const T* r_prev,
-                       const T* c_prev) { forward_rows(a, p + ub * a.H * 4 * L, ub, row0, rows, t, slot, r_prev, c_prev); }));
+  const auto rows = [&](int64_t ub, int64_t row0, int64_t rows, int64_t t, int64_t slot, const T* r_prev,
+                        const T* c_prev) { forward_rows(a, p + ub * a.H * 4 * L, ub, row0, rows, t, slot, r_prev, c_prev); };
+  // AVX2 with a short reduction: the two passes' fixed costs outweigh the taller tile (T=4000,
+  // B=4, H=64: 15 ms a forward with 4-row tiles, 13 with 2-row ones).
+  if (!Blocking<T>::kWide && a.H < 128) {
+    fused_forward_steps<L, 2>(a, stateless(rows));
+  } else {
+    fused_forward_steps<L, Blocking<T>::kRows>(a, stateless(rows));
+  }
 }
 
 template <class T>
