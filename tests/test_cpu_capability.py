@@ -32,14 +32,18 @@ def rel(a, e):
 
 torch.manual_seed(0)
 errors = {}
-cases = {"fused": dict(num_layers=2, bidirectional=True), "projection": dict(proj_size=3)}
-for name, cfg in cases.items():
+# (hidden size, batch, options). H=130 and B of 16 and 4: the fused forward's tall tiles (6 and
+# 4 rows; in two passes of two gates on AVX2, which takes them from H=128), full and partial
+# unit blocks.
+cases = {"fused": (19, 5, dict(num_layers=2, bidirectional=True)), "projection": (19, 5, dict(proj_size=3)),
+         "tall-16": (130, 16, {}), "tall-4": (130, 4, {})}
+for name, (H, B, cfg) in cases.items():
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        ref = nn.LSTM(6, 19, dtype=torch.float64, **cfg)
-        ours = fastlstm.LSTM(6, 19, dtype=dtype, **cfg)
+        ref = nn.LSTM(6, H, dtype=torch.float64, **cfg)
+        ours = fastlstm.LSTM(6, H, dtype=dtype, **cfg)
         ours.load_state_dict(ref.state_dict())
-        x = torch.randn(9, 5, 6, dtype=torch.float64)
-        lengths = torch.tensor([9, 4, 7, 1, 9])
+        x = torch.randn(9, B, 6, dtype=torch.float64)
+        lengths = torch.tensor([9, 4, 7, 1, 9] * (B // 5) + [9, 2, 5, 8][: B % 5])
         results = []
         for model, data in ((ref, x), (ours, x.to(dtype))):
             leaf = data.clone().requires_grad_()
