@@ -20,7 +20,8 @@ struct Tiling {
   using V = at::vec::Vectorized<T>;
   // AVX-512 has 32 vector registers, AVX2 16: 24 or 12 accumulators plus loads and broadcasts.
   // 8 x 3 on AVX-512: 4 x 3 ran at half the FMA peak at depth 256, where its panel (48 KiB)
-  // streams from L2, 8 x 3 at 75%; on AVX2 6 x 2 ran 15-20% faster than 4 x 2 (benchmarks/NOTES.md).
+  // streams from L2, 8 x 3 at 75%. AVX2: 6 x 2 (12 accumulators for the 8 in flight that two
+  // FMA ports of latency 4 need) measured 4-20% faster than 4 x 2 (benchmarks/NOTES.md).
   static constexpr bool kWide = V::size() * sizeof(T) >= 64;
   static constexpr int kRows = kWide ? 8 : 6;
   static constexpr int kVecs = kWide ? 3 : 2;
