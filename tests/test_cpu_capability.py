@@ -52,6 +52,19 @@ for name, (H, B, cfg) in cases.items():
             grads = torch.autograd.grad(loss, [leaf] + list(model.parameters()))
             results.append((y.data, h, c) + grads)
         errors[f"{name}-{str(dtype)[6:]}"] = (str(dtype)[6:], max(rel(a, e) for a, e in zip(results[1], results[0])))
+# Non-finite and saturating inputs through the activations' branches (exp's and tanh's NaN
+# selection, tanh's sign and small-|x| selections): NaN exactly where float64 torch has NaN.
+special = torch.tensor([0.1, -0.2, 30.0, -30.0, float("inf"), -float("inf"), float("nan"), 0.05, -4.0])
+for dtype in (torch.float32, torch.float64):
+    ref = nn.LSTM(1, 19, dtype=torch.float64)
+    ours = fastlstm.LSTM(1, 19, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.stack([special.roll(k) for k in range(5)], 1).unsqueeze(-1).double()
+    with torch.no_grad():
+        expected, actual = ref(x)[0], ours(x.to(dtype))[0].double()
+    same_nans = bool(torch.equal(expected.isnan(), actual.isnan()))
+    finite = ~expected.isnan()
+    errors[f"special-{str(dtype)[6:]}"] = (str(dtype)[6:], rel(actual[finite], expected[finite]) if same_nans else float("inf"))
 print(json.dumps({"capability": fastlstm.cpu_capability(), "torch": torch.backends.cpu.get_cpu_capability(),
                   "errors": errors}))
 """
