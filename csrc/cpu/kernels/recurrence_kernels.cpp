@@ -233,14 +233,14 @@ at::Tensor pack_fused_backward(const T* w, int64_t H) {
 template <class T>
 void fused_forward(const ChunkRecurrenceArgs<T, T>& a, const T* p) {
   constexpr int L = Blocking<T>::L;
-  const auto rows = [&](int64_t ub, int64_t row0, int64_t rows, int64_t t, int64_t slot, const T* r_prev,
-                        const T* c_prev) { forward_rows(a, p + ub * a.H * 4 * L, ub, row0, rows, t, slot, r_prev, c_prev); };
+  const auto tile_rows = [&](int64_t ub, int64_t row0, int64_t rows, int64_t t, int64_t slot, const T* r_prev,
+                             const T* c_prev) { forward_rows(a, p + ub * a.H * 4 * L, ub, row0, rows, t, slot, r_prev, c_prev); };
   // AVX2 with a short reduction: the two passes' fixed costs outweigh the taller tile (T=4000,
   // B=4, H=64: 15 ms a forward with 4-row tiles, 13 with 2-row ones).
   if (!Blocking<T>::kWide && a.H < 128) {
-    fused_forward_steps<L, 2>(a, stateless(rows));
+    fused_forward_steps<L, 2>(a, stateless(tile_rows));
   } else {
-    fused_forward_steps<L, Blocking<T>::kRows>(a, stateless(rows));
+    fused_forward_steps<L, Blocking<T>::kRows>(a, stateless(tile_rows));
   }
 }
 
