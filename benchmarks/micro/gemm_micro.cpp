@@ -76,7 +76,7 @@ struct Product {
   bool accumulate, forward;
   // The library's choice for this product (packed_gemm_cpu.h).
   bool library_packs() const {
-    return forward ? K <= fastlstm::cpu::kForwardPackedMaxDepth : M <= fastlstm::cpu::packed_max_rows();
+    return forward ? K <= fastlstm::cpu::forward_packed_max_depth() : M <= fastlstm::cpu::packed_max_rows();
   }
 };
 

@@ -3,6 +3,7 @@
 // ATEN_CPU_CAPABILITY. Unlike ATen, a requested level the CPU lacks is lowered, not trusted.
 #include "cpu_capability.h"
 
+#include <ATen/Context.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -92,6 +93,18 @@ bool amx_enabled() {
 const char* capability_report() {
   if (!bf16_kernels_enabled()) return capability_name(capability());
   return amx_enabled() ? "AMX_BF16" : "AVX512_BF16";
+}
+
+bool mkl_off_intel() {
+  static const bool off = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    return at::hasMKL() && !__builtin_cpu_is("intel");
+#else
+    return false;
+#endif
+  }();
+  return off;
 }
 
 const char* capability_name(Capability level) {

@@ -31,4 +31,10 @@ bool amx_enabled();
 // "AMX_BF16" when the AVX512 level also runs the bfloat16 kernels (with vdpbf16ps / AMX tiles).
 const char* capability_report();
 
+// Whether ATen's mm runs MKL on a CPU that is not Intel's. MKL then takes generic code paths: on
+// an AMD EPYC (Zen 5) VM the packed kernel of packed_gemm_cpu.h beat it on every product
+// measured, 1.5-4.3x at the AVX-512 level and 1.06-2.4x at AVX2 (benchmarks/NOTES.md), so there
+// every product with a weight stays on the packed kernel.
+bool mkl_off_intel();
+
 }  // namespace fastlstm::cpu

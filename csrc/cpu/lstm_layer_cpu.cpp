@@ -1,7 +1,7 @@
 // The layer ops on the CPU: the forward's products with a weight go through the packed kernel of
 // packed_gemm_cpu.h up to a reduction depth of 512 and through ATen's mm beyond; the backward's
 // through the packed kernel when they have few rows (packed_max_rows), through ATen's mm
-// otherwise; the weight gradients through ATen's mm. The recurrence is fused in one parallel region
+// otherwise (off Intel CPUs, where mm's MKL is slower, all of them through the packed kernel); the weight gradients through ATen's mm. The recurrence is fused in one parallel region
 // (lstm_recurrence_cpu.cpp), or, for projection layers, runs step by step with the cell kernels of
 // lstm_cell_cpu.cpp. Half types run in float and are converted at the boundary, so the cell state
 // and every accumulation are fp32 (DESIGN.md section 7), except for bfloat16 layers without a
@@ -31,7 +31,7 @@ struct CpuPolicy {
     void times_transposed(int64_t M, const S* A, C* out, bool accumulate) {
       static_assert(std::is_same_v<S, C>, "the CPU path computes in one dtype");
       const int64_t rows = w_.size(0), cols = w_.size(1);
-      if (cols <= kForwardPackedMaxDepth) {
+      if (cols <= forward_packed_max_depth()) {
         if (transposed_.empty()) transposed_ = PackedMatrix<S>(w_.data_ptr<S>(), cols, rows, 1, cols);
         transposed_.multiply(M, A, out, accumulate);
       } else {

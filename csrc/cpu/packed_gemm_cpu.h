@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "bf16_kernels_cpu.h"
@@ -35,20 +36,26 @@ const GemmKernels<T>& gemm_kernels() {
 }
 
 // The forward's products with a weight (the input projection, the stepwise path's step
-// products) run on the packed kernel up to this reduction depth, although MKL is 5-16% faster on
-// the input projection (benchmarks/NOTES.md): a packed row's result does not depend on how many
-// rows a call has, which keeps the forward bit-identical however its steps are chunked
-// (checkpointing, inference chunks: tests/test_checkpointing.py); MKL's rows do not promise that.
-inline constexpr int64_t kForwardPackedMaxDepth = 512;
+// products) run on the packed kernel up to this reduction depth, although MKL on Intel CPUs is
+// 5-16% faster on the input projection (benchmarks/NOTES.md): a packed row's result does not
+// depend on how many rows a call has, which keeps the forward bit-identical however its steps
+// are chunked (checkpointing, inference chunks: tests/test_checkpointing.py); MKL's rows do not
+// promise that. Beyond it, MKL on Intel CPUs; elsewhere (mkl_off_intel) the packed kernel at any depth.
+inline int64_t forward_packed_max_depth() {
+  static const int64_t depth = mkl_off_intel() ? std::numeric_limits<int64_t>::max() : 512;
+  return depth;
+}
 
 // The most rows (M) of a backward product with a weight (dL/dx, the stepwise path's dG W) for
 // which the packed kernel is used; the layer sends larger ones to ATen's mm. Measured against
-// MKL's sgemm (benchmarks/NOTES.md, gemm_micro): the packed kernel is even or ahead on the
-// per-step products (M = batch <= 16: 0.75-2.3x; the weight is packed once per call, MKL packs
-// it per call), behind on the products over many steps (dL/dx, M >= 256: 0.71-1.02x); at B=64
-// even on AVX-512 (0.92-1.14x), behind on AVX2 (0.87-1.05x).
+// MKL's sgemm on an Intel Xeon (benchmarks/NOTES.md, gemm_micro): the packed kernel is even or
+// ahead on the per-step products (M = batch <= 16: 0.75-2.3x; the weight is packed once per call,
+// MKL packs it per call), behind on the products over many steps (dL/dx, M >= 256: 0.71-1.02x);
+// at B=64 even on AVX-512 (0.92-1.14x), behind on AVX2 (0.87-1.05x). Off Intel: every M.
 inline int64_t packed_max_rows() {
-  static const int64_t rows = capability() == Capability::AVX512 ? 64 : 16;
+  static const int64_t rows = mkl_off_intel() ? std::numeric_limits<int64_t>::max()
+                              : capability() == Capability::AVX512 ? 64
+                                                                   : 16;
   return rows;
 }
 
