@@ -110,6 +110,16 @@ C10_ALWAYS_INLINE void cell_epilogue(const ChunkRecurrenceArgs<S, A>& a, at::vec
   if (state) IO::store(state_zeroed_after(a.reset, B, b, t, n_b, a.reverse) ? V(A(0)) : hv, state, cnt);
 }
 
+// cell_epilogue of one row of a forward tile of L-unit blocks (kFull: cnt = L). Out of line:
+// inlined into a tile, GCC gave the tile's accumulator array an address and stored it on every k.
+template <int L, bool kFull, class S, class A>
+C10_NOINLINE void row_epilogue(const ChunkRecurrenceArgs<S, A>& a, at::vec::Vectorized<A> p_i,
+                               at::vec::Vectorized<A> p_f, at::vec::Vectorized<A> p_g, at::vec::Vectorized<A> p_o,
+                               int64_t b, int64_t j0, int64_t cnt, int64_t t, int64_t slot, const S* r_prev,
+                               const A* c_prev) {
+  cell_epilogue(a, p_i, p_f, p_g, p_o, b, j0, kFull ? L : cnt, t, slot, r_prev, c_prev);
+}
+
 // The buffer slot of processing step s (slot = time - tlo; time and step map to each other by
 // the same involution, step_of_time).
 template <class S, class A>

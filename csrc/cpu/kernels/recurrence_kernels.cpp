@@ -44,15 +44,6 @@ struct Blocking {
   static constexpr int kCarryBlocks = kWide ? 4 : 2;
 };
 
-// cell_epilogue of one row of a forward tile (kFull: cnt = L). Out of line: inlined into the
-// tile, GCC gave the accumulator array an address and stored it on every k.
-template <class T, bool kFull>
-C10_NOINLINE void row_epilogue(const ChunkRecurrenceArgs<T, T>& a, at::vec::Vectorized<T> p_i, at::vec::Vectorized<T> p_f,
-                               at::vec::Vectorized<T> p_g, at::vec::Vectorized<T> p_o, int64_t b, int64_t j0,
-                               int64_t cnt, int64_t t, int64_t slot, const T* r_prev, const T* c_prev) {
-  cell_epilogue(a, p_i, p_f, p_g, p_o, b, j0, kFull ? Blocking<T>::L : cnt, t, slot, r_prev, c_prev);
-}
-
 // One forward tile: R rows from row0 x unit block ub: the gates' x W_ih^T plus h_{t-1} W_hh^T
 // accumulated in registers, then the cell update. kFull: the block has L units, so no access is
 // masked. Never inlined: inlined into the step loop, GCC stored some tiles' accumulators to the
@@ -95,7 +86,7 @@ C10_NOINLINE void forward_tile(const ChunkRecurrenceArgs<T, T>& a, const T* pane
         V pre[4];
         static_for<q0>([&](auto q) { pre[q] = V::loadu(g0 + m * 4 * H + q * H, cnt); });
         static_for<NG>([&](auto q) { pre[q0 + q] = acc[m][q]; });
-        row_epilogue<T, kFull>(a, pre[0], pre[1], pre[2], pre[3], row0 + m, j0, cnt, t, slot, r_prev, c_prev);
+        row_epilogue<L, kFull>(a, pre[0], pre[1], pre[2], pre[3], row0 + m, j0, cnt, t, slot, r_prev, c_prev);
       });
     }
   });

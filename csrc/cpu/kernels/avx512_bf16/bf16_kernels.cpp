@@ -18,6 +18,7 @@
 
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "../fused_forward.h"
@@ -52,16 +53,13 @@ constexpr int L = 16;  // float lanes of a zmm register: output columns (units) 
 constexpr int64_t kTilePairs = 16;
 inline int64_t padded_pairs(int64_t depth) { return (depth + 2 * kTilePairs - 1) / (2 * kTilePairs) * kTilePairs; }
 
-// Both elements of the pair at p, broadcast to every lane.
-inline __m512bh broadcast_pair(const BF* p) {
-  uint32_t bits;
-  std::memcpy(&bits, p, sizeof(bits));
-  return reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(bits)));
-}
-
-// The pair (p[0], 0): the last, half pair of an odd depth (p[1] may be past the end).
-inline __m512bh broadcast_half_pair(const BF* p) {
-  uint16_t bits;
+// Both elements of the pair at p, broadcast to every lane; kHalf: the pair (p[0], 0), the last,
+// half pair of an odd depth (p[1] may be past the end). A template, not a function passed to the
+// tiles: passed as a pointer, it was called through it once per broadcast.
+template <bool kHalf>
+C10_ALWAYS_INLINE __m512bh broadcast_pair(const BF* p) {
+  using Bits = std::conditional_t<kHalf, uint16_t, uint32_t>;
+  Bits bits;
   std::memcpy(&bits, p, sizeof(bits));
   return reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(bits)));
 }
@@ -71,8 +69,8 @@ inline __m512bh load_pairs(const BF* p) { return reinterpret_cast<__m512bh>(_mm5
 // ---------------------------------------------------------------- packed GEMM (input projection)
 
 // A tile of kRows rows x kVecs vectors of columns, as the float kernel's
-// (packed_gemm_kernels.cpp): 12 accumulators.
-constexpr int kGemmRows = 4, kGemmVecs = 3, kGemmWidth = kGemmVecs * L;
+// (packed_gemm_kernels.cpp): 24 accumulators (with 4 x 3 the product ran at half the rate of 8 x 3).
+constexpr int kGemmRows = 8, kGemmVecs = 3, kGemmWidth = kGemmVecs * L;
 
 // R rows: the same instruction sequence for every row whatever R and M, so a row's result does
 // not depend on how many rows a call has (the forward stays bit-identical however it is chunked).
@@ -86,16 +84,16 @@ void gemm_tile(int64_t depth, const BF* A, const BF* panel, float* C, int64_t ld
     static_for<kGemmVecs>([&](auto v) { acc[m][v] = _mm512_setzero_ps(); });
   });
   const int64_t pairs = depth / 2;
-  auto step = [&](const BF* p, auto broadcast, int64_t k) {
+  auto step = [&](const BF* p, auto half, int64_t k) C10_ALWAYS_INLINE_ATTRIBUTE {
     __m512bh b[kGemmVecs];
     static_for<kGemmVecs>([&](auto v) { b[v] = load_pairs(p + v * 2 * L); });
     static_for<R>([&](auto m) {
-      const __m512bh s = broadcast(a[m] + k);
+      const __m512bh s = broadcast_pair<decltype(half)::value>(a[m] + k);
       static_for<kGemmVecs>([&](auto v) { acc[m][v] = _mm512_dpbf16_ps(acc[m][v], s, b[v]); });
     });
   };
-  for (int64_t kp = 0; kp < pairs; ++kp) step(panel + kp * 2 * kGemmWidth, broadcast_pair, 2 * kp);
-  if (depth % 2) step(panel + pairs * 2 * kGemmWidth, broadcast_half_pair, depth - 1);
+  for (int64_t kp = 0; kp < pairs; ++kp) step(panel + kp * 2 * kGemmWidth, std::false_type{}, 2 * kp);
+  if (depth % 2) step(panel + pairs * 2 * kGemmWidth, std::true_type{}, depth - 1);
   static_for<R>([&](auto m) {
     static_for<kGemmVecs>([&](auto v) {
       const int64_t col = static_cast<int64_t>(v) * L;
@@ -143,20 +141,22 @@ void multiply(int64_t M, const BF* A, const BF* packed, int64_t rows, int64_t co
 
 // ---------------------------------------------------------------- fused forward
 
-// Forward tile: kRows rows x the 4 gate vectors of one unit block, 16 accumulators.
-constexpr int kRows = 4;
+// Forward tile: up to kRows rows x the 4 gate vectors of one unit block, 24 accumulators (4
+// rows ran at 50-65% of the FMA rate in the float kernels, 6 at 75%; benchmarks/NOTES.md).
+constexpr int kRows = 6;
 
 // Forward panels: packed[ub][k / 2][gate][l][k % 2] = W_hh[gate * H + ub * L + l, k], zero past H
 // (units) and past K (padded_pairs).
 at::Tensor pack_forward(const BF* w, int64_t H) { return pack_gate_panels<2>(w, H, L, 2 * padded_pairs(H)); }
 
 // R rows from row0 x unit block ub: the gates' x W_ih^T (already in a.gates) plus h_{t-1} W_hh^T
-// accumulated in registers, then the cell update.
-template <int R>
-void forward_tile(const ChunkRecurrenceArgs<BF, float>& a, const BF* panel, int64_t ub, int64_t row0, int64_t t,
-                  int64_t slot, const BF* r_prev, const float* c_prev) {
+// accumulated in registers, then the cell update. kFull: the block has L units (no masks). Never
+// inlined, for the float kernels' reason (recurrence_kernels.cpp).
+template <int R, bool kFull>
+C10_NOINLINE void forward_tile(const ChunkRecurrenceArgs<BF, float>& a, const BF* panel, int64_t ub, int64_t row0,
+                               int64_t t, int64_t slot, const BF* r_prev, const float* c_prev) {
   using V = at::vec::Vectorized<float>;
-  const int64_t H = a.H, B = a.B, K = a.H, j0 = ub * L, cnt = std::min<int64_t>(L, H - j0);
+  const int64_t H = a.H, B = a.B, K = a.H, j0 = ub * L, cnt = kFull ? L : std::min<int64_t>(L, H - j0);
   const __mmask16 mask = lanes(cnt);
   const float* g0 = a.gates + (slot * B + row0) * 4 * H + j0;
   __m512 acc[R][4];
@@ -166,22 +166,19 @@ void forward_tile(const ChunkRecurrenceArgs<BF, float>& a, const BF* panel, int6
     static_for<4>([&](auto q) { acc[m][q] = _mm512_maskz_loadu_ps(mask, g0 + m * 4 * H + q * H); });
   });
   const int64_t pairs = K / 2;
-  auto step = [&](const BF* w, auto broadcast, int64_t k) {
-    const __m512bh w0 = load_pairs(w), w1 = load_pairs(w + 2 * L), w2 = load_pairs(w + 4 * L),
-                   w3 = load_pairs(w + 6 * L);
+  auto step = [&](const BF* w, auto half, int64_t k) C10_ALWAYS_INLINE_ATTRIBUTE {
+    __m512bh wq[4];
+    static_for<4>([&](auto q) { wq[q] = load_pairs(w + q * 2 * L); });
     static_for<R>([&](auto m) {
-      const __m512bh s = broadcast(h[m] + k);
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], s, w0);
-      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], s, w1);
-      acc[m][2] = _mm512_dpbf16_ps(acc[m][2], s, w2);
-      acc[m][3] = _mm512_dpbf16_ps(acc[m][3], s, w3);
+      const __m512bh s = broadcast_pair<decltype(half)::value>(h[m] + k);
+      static_for<4>([&](auto q) { acc[m][q] = _mm512_dpbf16_ps(acc[m][q], s, wq[q]); });
     });
   };
-  for (int64_t kp = 0; kp < pairs; ++kp) step(panel + kp * 8 * L, broadcast_pair, 2 * kp);
-  if (K % 2) step(panel + pairs * 8 * L, broadcast_half_pair, K - 1);
+  for (int64_t kp = 0; kp < pairs; ++kp) step(panel + kp * 8 * L, std::false_type{}, 2 * kp);
+  if (K % 2) step(panel + pairs * 8 * L, std::true_type{}, K - 1);
   static_for<R>([&](auto m) {
-    cell_epilogue(a, V(acc[m][0]), V(acc[m][1]), V(acc[m][2]), V(acc[m][3]), row0 + m, j0, cnt, t, slot, r_prev,
-                  c_prev);
+    row_epilogue<L, kFull>(a, V(acc[m][0]), V(acc[m][1]), V(acc[m][2]), V(acc[m][3]), row0 + m, j0, cnt, t, slot,
+                           r_prev, c_prev);
   });
 }
 
@@ -189,12 +186,17 @@ void fused_forward(const ChunkRecurrenceArgs<BF, float>& a, const BF* p) {
   const int64_t panel_size = padded_pairs(a.H) * 8 * L;
   fused_forward_steps<L, kRows>(a, stateless([&](int64_t ub, int64_t row0, int64_t rows, int64_t t, int64_t slot,
                                                  const BF* r_prev, const float* c_prev) {
+    const bool full = (ub + 1) * L <= a.H;
     static_for<kRows>([&](auto r) {
-      if (rows == r + 1) forward_tile<r + 1>(a, p + ub * panel_size, ub, row0, t, slot, r_prev, c_prev);
+      if (rows != r + 1) return;
+      if (full) {
+        forward_tile<r + 1, true>(a, p + ub * panel_size, ub, row0, t, slot, r_prev, c_prev);
+      } else {
+        forward_tile<r + 1, false>(a, p + ub * panel_size, ub, row0, t, slot, r_prev, c_prev);
+      }
     });
   }));
 }
-
 
 // ---------------------------------------------------------------- AMX (tiles of 16 rows)
 //
