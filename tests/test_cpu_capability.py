@@ -35,8 +35,10 @@ errors = {}
 # (hidden size, batch, options). H=130 and B of 16 and 4: the fused forward's tall tiles (6 and
 # 4 rows; in two passes of two gates on AVX2, which takes them from H=128), full and partial
 # unit blocks.
+# B=67: 603 rows, over two chunks of the weight-gradient kernel (256 rows), 4H = 148 columns with
+# a partial vector at every level.
 cases = {"fused": (19, 5, dict(num_layers=2, bidirectional=True)), "projection": (19, 5, dict(proj_size=3)),
-         "tall-16": (130, 16, {}), "tall-4": (130, 4, {})}
+         "tall-16": (130, 16, {}), "tall-4": (130, 4, {}), "rows-603": (37, 67, dict(proj_size=5))}
 for name, (H, B, cfg) in cases.items():
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         ref = nn.LSTM(6, H, dtype=torch.float64, **cfg)
@@ -72,11 +74,14 @@ print(json.dumps({"capability": fastlstm.cpu_capability(), "torch": torch.backen
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 2e-2}
 
 
-def _run_at(level: str | None) -> dict:
-    """The child's report with ATEN_CPU_CAPABILITY=level (None: unset, the CPU's own level)."""
-    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+def _run_at(level: str | None, gemm: str | None = None) -> dict:
+    """The child's report with ATEN_CPU_CAPABILITY=level (None: unset, the CPU's own level) and
+    FASTLSTM_CPU_GEMM=gemm (None: unset, the CPU's own choice)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "FASTLSTM_CPU_GEMM")}
     if level is not None:
         env["ATEN_CPU_CAPABILITY"] = level
+    if gemm is not None:
+        env["FASTLSTM_CPU_GEMM"] = gemm
     done = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"ATEN_CPU_CAPABILITY={level}: {done.stderr[-2000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -97,6 +102,10 @@ def test_every_level_runs_correctly_and_reports_itself():
         expected = LEVELS[min(LEVELS.index(forced.upper()), LEVELS.index(level))]
         assert report["capability"] == expected, (forced, report["capability"])
         reports[forced] = report
+    # Both choices of the products' kernels (fastlstm's everywhere, or ATen's mm where it measured
+    # faster on an Intel CPU), whichever this CPU takes by default.
+    for gemm in ("packed", "blas"):
+        reports[f"gemm={gemm}"] = _run_at(None, gemm)
     for run, report in reports.items():
         for case, (dtype, err) in report["errors"].items():
             assert err <= TOLERANCE[dtype], f"{run} ({report['capability']}), {case}: relative error {err:.2e}"

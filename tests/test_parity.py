@@ -45,3 +45,12 @@ def test_odd_sizes(size):
     T, B, I, H = size
     compare_with_torch(Case(T=T, B=B, input_size=I, hidden_size=H, given_state=True), torch.float64)
     compare_with_torch(Case(T=T, B=B, input_size=I, hidden_size=H, bidirectional=True), torch.float32)
+
+
+@pytest.mark.parametrize("size", [(70, 9, 19, 37), (40, 16, 48, 32)])
+def test_weight_gradients_over_many_rows(size):
+    """630 and 640 rows: the weight gradients' reduction runs over several chunks of the CPU's
+    in-place kernel (256 rows each, where it runs), 4H with and without a partial vector."""
+    T, B, I, H = size
+    compare_with_torch(Case(T=T, B=B, input_size=I, hidden_size=H, given_state=True), torch.float64)
+    compare_with_torch(Case(T=T, B=B, input_size=I, hidden_size=H), torch.float32)

@@ -95,8 +95,13 @@ const char* capability_report() {
   return amx_enabled() ? "AMX_BF16" : "AVX512_BF16";
 }
 
-bool mkl_off_intel() {
-  static const bool off = [] {
+bool packed_products_only() {
+  static const bool packed = [] {
+    const char* env = std::getenv("FASTLSTM_CPU_GEMM");
+    const std::string choice = env ? env : "auto";
+    if (choice == "packed") return true;
+    if (choice == "blas") return false;
+    if (choice != "auto") TORCH_WARN("fastlstm: ignoring FASTLSTM_CPU_GEMM=", choice, " (expected auto, packed or blas)");
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
     return at::hasMKL() && !__builtin_cpu_is("intel");
@@ -104,7 +109,7 @@ bool mkl_off_intel() {
     return false;
 #endif
   }();
-  return off;
+  return packed;
 }
 
 const char* capability_name(Capability level) {

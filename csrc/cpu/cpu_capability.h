@@ -31,10 +31,12 @@ bool amx_enabled();
 // "AMX_BF16" when the AVX512 level also runs the bfloat16 kernels (with vdpbf16ps / AMX tiles).
 const char* capability_report();
 
-// Whether ATen's mm runs MKL on a CPU that is not Intel's. MKL then takes generic code paths: on
-// an AMD EPYC (Zen 5) VM the packed kernel of packed_gemm_cpu.h beat it on every product
-// measured, 1.5-4.3x at the AVX-512 level and 1.06-2.4x at AVX2 (benchmarks/NOTES.md), so there
-// every product with a weight stays on the packed kernel.
-bool mkl_off_intel();
+// Whether every product with a weight, and the weight gradients, run on fastlstm's own kernels
+// (packed_gemm_cpu.h) instead of ATen's mm where that measured faster on an Intel CPU. By default
+// (FASTLSTM_CPU_GEMM unset or "auto"): when ATen's mm is MKL and the CPU is not Intel's, where MKL
+// takes generic code paths: on an AMD EPYC (Zen 5) VM the packed kernel beat it on every product
+// measured, 1.5-4.3x at the AVX-512 level and 1.06-2.4x at AVX2 (benchmarks/NOTES.md).
+// FASTLSTM_CPU_GEMM=packed forces it, =blas forces the Intel rule (the tests run both).
+bool packed_products_only();
 
 }  // namespace fastlstm::cpu

@@ -1,7 +1,8 @@
 // The layer ops on the CPU: the forward's products with a weight go through the packed kernel of
 // packed_gemm_cpu.h up to a reduction depth of 512 and through ATen's mm beyond; the backward's
 // through the packed kernel when they have few rows (packed_max_rows), through ATen's mm
-// otherwise (off Intel CPUs, where mm's MKL is slower, all of them through the packed kernel); the weight gradients through ATen's mm. The recurrence is fused in one parallel region
+// otherwise; the weight gradients through ATen's mm. Off Intel CPUs, where mm's MKL is slower, all of them
+// run on fastlstm's kernels (packed_products_only). The recurrence is fused in one parallel region
 // (lstm_recurrence_cpu.cpp), or, for projection layers, runs step by step with the cell kernels of
 // lstm_cell_cpu.cpp. Half types run in float and are converted at the boundary, so the cell state
 // and every accumulation are fp32 (DESIGN.md section 7), except for bfloat16 layers without a
@@ -94,6 +95,22 @@ struct CpuPolicy {
   // output (about 512 KiB) is still in cache when the recurrence reads it.
   static int64_t projection_steps(int64_t B, int64_t H) {
     return std::max<int64_t>({8, (256 + B - 1) / std::max<int64_t>(B, 1), (1 << 17) / std::max<int64_t>(4 * B * H, 1)});
+  }
+
+  // dW = dG^T X over a chunk's rows (dG: rows x G, X: rows x I): ATen's mm, or where
+  // packed_products_only() the in-place kernel of packed_gemm_cpu.h, which computes dW^T = X^T dG.
+  static at::Tensor weight_gradient(const at::Tensor& dg, const at::Tensor& x) {
+    const auto dtype = x.scalar_type();
+    if (!packed_products_only() || dg.scalar_type() != dtype || (dtype != at::kFloat && dtype != at::kDouble)) {
+      return at::mm(dg.t(), x);
+    }
+    const at::Tensor a = x.contiguous(), b = dg.contiguous();
+    at::Tensor wt = at::empty({a.size(1), b.size(1)}, b.options());
+    AT_DISPATCH_FLOATING_TYPES(dtype, "fastlstm_weight_gradient", [&] {
+      gemm_kernels<scalar_t>().multiply_at(a.size(0), a.size(1), b.size(1), a.data_ptr<scalar_t>(),
+                                           b.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>());
+    });
+    return wt.t().contiguous();
   }
 
   template <class S>

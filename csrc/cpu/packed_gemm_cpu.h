@@ -25,6 +25,9 @@ struct GemmKernels {
   void (*pack)(const T* src, int64_t rows, int64_t cols, int64_t stride_row, int64_t stride_col, T* dst);
   // C[M, cols] (+)= A[M, rows] * the packed (rows x cols) matrix; A and C row-major.
   void (*multiply)(int64_t M, const T* A, const T* packed, int64_t rows, int64_t cols, T* C, bool accumulate);
+  // C[M, N] = A^T B for A (depth, M) and B (depth, N) row-major, both read in place: the weight
+  // gradients (dW^T = X^T dG over every row of a chunk), used where mm's MKL is slower (packed_products_only).
+  void (*multiply_at)(int64_t depth, int64_t M, int64_t N, const T* A, const T* B, T* C);
 };
 
 FASTLSTM_DECLARE_KERNEL_TABLES(GemmKernels, gemm_kernel_table)
@@ -40,9 +43,9 @@ const GemmKernels<T>& gemm_kernels() {
 // 5-16% faster on the input projection (benchmarks/NOTES.md): a packed row's result does not
 // depend on how many rows a call has, which keeps the forward bit-identical however its steps
 // are chunked (checkpointing, inference chunks: tests/test_checkpointing.py); MKL's rows do not
-// promise that. Beyond it, MKL on Intel CPUs; elsewhere (mkl_off_intel) the packed kernel at any depth.
+// promise that. Beyond it, MKL on Intel CPUs; elsewhere (packed_products_only) the packed kernel at any depth.
 inline int64_t forward_packed_max_depth() {
-  static const int64_t depth = mkl_off_intel() ? std::numeric_limits<int64_t>::max() : 512;
+  static const int64_t depth = packed_products_only() ? std::numeric_limits<int64_t>::max() : 512;
   return depth;
 }
 
@@ -53,7 +56,7 @@ inline int64_t forward_packed_max_depth() {
 // MKL packs it per call), behind on the products over many steps (dL/dx, M >= 256: 0.71-1.02x);
 // at B=64 even on AVX-512 (0.92-1.14x), behind on AVX2 (0.87-1.05x). Off Intel: every M.
 inline int64_t packed_max_rows() {
-  static const int64_t rows = mkl_off_intel() ? std::numeric_limits<int64_t>::max()
+  static const int64_t rows = packed_products_only() ? std::numeric_limits<int64_t>::max()
                               : capability() == Capability::AVX512 ? 64
                                                                    : 16;
   return rows;

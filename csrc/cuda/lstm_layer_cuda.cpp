@@ -48,6 +48,9 @@ struct CudaPolicy {
   // One input-projection GEMM for the whole chunk: the GPU wants the largest GEMM it can get.
   static int64_t projection_steps(int64_t, int64_t) { return std::numeric_limits<int64_t>::max(); }
 
+  // dW = dG^T X over a chunk's rows: cuBLAS.
+  static at::Tensor weight_gradient(const at::Tensor& dg, const at::Tensor& x) { return at::mm(dg.t(), x); }
+
   template <class S>
   class Recurrent {
    public:

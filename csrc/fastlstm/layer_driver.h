@@ -15,8 +15,8 @@
 // (times_transposed: out = A W^T, times: out = A W); Recurrent<scalar_t>, the same for W_hh plus
 // fused_forward / fused_backward, a whole-chunk recurrence; projection_steps (how many steps of
 // input projection to run ahead of the recurrence); inference_chunk (steps per chunk when no
-// backward follows); norm_rows and norm_tiles (the shape of the per-step norm partial sums); the
-// pointwise kernels of step_args.h.
+// backward follows); norm_rows and norm_tiles (the shape of the per-step norm partial sums);
+// weight_gradient(dG, X) = dG^T X over a chunk's rows; the pointwise kernels of step_args.h.
 //
 // Memory modes: with checkpoint_every = 0 the forward saves the activated gates and the cell
 // state of every step. With checkpoint_every = k it saves only the state (r, c) at the boundaries of
@@ -235,7 +235,7 @@ class LayerDriver {
       if (opts.input_grad) {
         w_ih_mat_.times(n * B_, dg.data_ptr<scalar_t>(), out.dx.data_ptr<scalar_t>() + tlo * B_ * I_, false);
       }
-      accumulate(dw_ih, at::mm(dg.t(), xc));
+      accumulate(dw_ih, Policy::weight_gradient(dg, xc));
       if (bias_.defined()) accumulate(dbias, dg.sum(0, false, acc_type_));
       // dW_hh = sum_t dG_t^T r_{t-1}: the states each step read, r_init first in processing order,
       // gathered into one contiguous block so the product is a single large GEMM.
@@ -247,12 +247,12 @@ class LayerDriver {
       } else {
         at::cat_out(r_prev, {r0, r_blk.narrow(0, 0, n - 1)});
       }
-      accumulate(dw_hh, at::mm(dg.t(), r_prev.view({n * B_, K_})));
+      accumulate(dw_hh, Policy::weight_gradient(dg, r_prev.view({n * B_, K_})));
       if (proj_) {
         const at::Tensor g_blk = slot_range(st.gates, tlo, tlo, n, 4 * H_, acc_opts_);
         const at::Tensor c_blk = slot_range(st.c, tlo, tlo, n, H_, acc_opts_);
         const at::Tensor h_blk = (g_blk.narrow(2, 3 * H_, H_) * c_blk.tanh()).to(x_.scalar_type());
-        accumulate(dw_hr, at::mm(dr.narrow(0, 0, n).view({n * B_, K_}).t(), h_blk.view({n * B_, H_})));
+        accumulate(dw_hr, Policy::weight_gradient(dr.narrow(0, 0, n).view({n * B_, K_}), h_blk.view({n * B_, H_})));
       }
     }
 

@@ -98,11 +98,88 @@ void multiply(int64_t M, const T* A, const T* packed, int64_t rows, int64_t cols
   });
 }
 
+// C[R rows from the tile's first, NV vectors of columns] (+)= sum over k < depth of
+// A[k][m] B[k][c], with A and B row-major (lda, ldb) and read in place; kTail: the last vector
+// has only `tail` live columns (masked). The same FMA sequence for every element whatever R.
+template <class T, int R, int NV, bool kTail>
+C10_NOINLINE void transposed_tile(int64_t depth, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t tail,
+                     bool accumulate) {
+  using V = typename Tiling<T>::V;
+  constexpr int L = V::size();
+  V acc[R][NV];
+  static_for<R>([&](auto m) { static_for<NV>([&](auto v) { acc[m][v] = V(T(0)); }); });
+  for (int64_t k = 0; k < depth; ++k) {
+    const T* b = B + k * ldb;
+    const T* a = A + k * lda;
+    V w[NV];
+    static_for<NV>([&](auto v) { w[v] = kTail && v + 1 == NV ? V::loadu(b + v * L, tail) : V::loadu(b + v * L); });
+    static_for<R>([&](auto m) {
+      const V s(a[m]);
+      static_for<NV>([&](auto v) { acc[m][v] = at::vec::fmadd(s, w[v], acc[m][v]); });
+    });
+  }
+  static_for<R>([&](auto m) {
+    static_for<NV>([&](auto v) {
+      const int64_t count = kTail && v + 1 == NV ? tail : L;
+      T* c = C + m * ldc + v * L;
+      V r = acc[m][v];
+      if (accumulate) r = r + V::loadu(c, count);
+      r.store(c, count);
+    });
+  });
+}
+
+// C[M, N] = A^T B for A (depth, M) and B (depth, N) row-major: the weight gradients
+// dW^T = X^T dG over many rows. Nothing is packed (each operand is read once per call, so
+// packing would cost what the product saves); the depth runs in chunks whose rows of A and B
+// stay in cache across the tiles, each tile's sums carried from chunk to chunk in C. Tiles are
+// split between the threads, each tile on one thread: the result does not depend on the thread count.
+template <class T>
+void multiply_at(int64_t depth, int64_t M, int64_t N, const T* A, const T* B, T* C) {
+  if (M == 0 || N == 0) return;
+  if (depth == 0) {
+    std::fill(C, C + M * N, T(0));
+    return;
+  }
+  using Tl = Tiling<T>;
+  constexpr int L = Tl::V::size();
+  constexpr int64_t kChunk = 256;
+  const int64_t panels = (N + Tl::kWidth - 1) / Tl::kWidth, row_blocks = (M + Tl::kRows - 1) / Tl::kRows;
+  const int64_t tiles = panels * row_blocks;
+  const int64_t grain = M * N * depth < (1 << 17) ? tiles : 1;
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t k0 = 0; k0 < depth; k0 += kChunk) {
+      const int64_t kc = std::min(kChunk, depth - k0);
+      // Panel-major: a panel's rows of B stay in cache across its row blocks.
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t p = t / row_blocks, rb = t % row_blocks;
+        const int64_t row0 = rb * Tl::kRows, rows = std::min<int64_t>(Tl::kRows, M - row0);
+        const int64_t col0 = p * Tl::kWidth, cols = std::min<int64_t>(Tl::kWidth, N - col0);
+        const int64_t vecs = (cols + L - 1) / L, tail = cols - (vecs - 1) * L;
+        const T* a = A + k0 * M + row0;
+        const T* b = B + k0 * N + col0;
+        T* c = C + row0 * N + col0;
+        static_for<Tl::kRows>([&](auto r) {
+          if (rows != r + 1) return;
+          static_for<Tl::kVecs>([&](auto v) {
+            if (vecs != v + 1) return;
+            if (tail == L) {
+              transposed_tile<T, r + 1, v + 1, false>(kc, a, M, b, N, c, N, tail, k0 > 0);
+            } else {
+              transposed_tile<T, r + 1, v + 1, true>(kc, a, M, b, N, c, N, tail, k0 > 0);
+            }
+          });
+        });
+      }
+    }
+  });
+}
+
 }  // namespace
 
 template <class T>
 const GemmKernels<T>& gemm_kernel_table() {
-  static constexpr GemmKernels<T> table{&panel_width<T>, &pack<T>, &multiply<T>};
+  static constexpr GemmKernels<T> table{&panel_width<T>, &pack<T>, &multiply<T>, &multiply_at<T>};
   return table;
 }
 
