@@ -4,6 +4,8 @@
 //   dx        C[M, I]   = dG[M, 4H] W_ih      input gradient (backward)
 //   step      G[B, 4H] += h[B, H] W_hh^T      recurrent product of the stepwise path
 //   step_bwd  D[B, H]  += dG[B, 4H] W_hh      its backward
+//   dw        dW[4H, I] = dG[M, 4H]^T X[M, I]  weight gradient (backward), I = H: the in-place
+//             kernel (GemmKernels::multiply_at, computing dW^T, then transposed as the layer does)
 // Both sides are called as lstm_layer_cpu.cpp calls them (at::mm_out / addmm_ on the weight or
 // its transposed view); the packed side runs the extension's own kernel objects, at the level
 // ATEN_CPU_CAPABILITY allows. The weight is packed once per layer call: its cost is a column.
@@ -118,6 +120,31 @@ void compare(const Product& p, const at::Tensor& w, bool transposed, int repeats
   std::fflush(stdout);
 }
 
+// The weight gradient dW = dG^T X both ways, as CpuPolicy::weight_gradient computes it: the
+// in-place kernel into dW^T, then made a contiguous dW; or ATen's mm on dG's transposed view.
+void compare_weight_gradient(int64_t M, int64_t H, int repeats) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor dg = at::randn({M, 4 * H}, f32), x = at::randn({M, H}, f32);
+  at::Tensor wt = at::empty({H, 4 * H}, f32), dw = at::empty({4 * H, H}, f32), ref = at::empty({4 * H, H}, f32);
+  const auto& kernels = fastlstm::cpu::gemm_kernels<float>();
+  auto run_packed = [&] {
+    kernels.multiply_at(M, H, 4 * H, x.data_ptr<float>(), dg.data_ptr<float>(), wt.data_ptr<float>());
+    dw.copy_(wt.t());
+  };
+  auto run_blas = [&] { at::mm_out(ref, dg.t(), x); };
+  run_packed();
+  run_blas();
+  const double err = (dw - ref).abs().max().item<double>() / std::max(1e-30, ref.abs().max().item<double>());
+  if (err > 1e-4) std::fprintf(stderr, "dw M=%lld: packed and mm differ by %g (relative)\n", (long long)M, err);
+  const auto [sp, sb] = interleaved(run_packed, run_blas, repeats);
+  const double flops = 2.0 * M * H * 4 * H;
+  std::printf("| dw | %lld | %lld | %lld | %.4g / %.4g | %.4g / %.4g | %.2f | %.0f / %.0f | - | %s | %s |\n",
+              (long long)M, (long long)(4 * H), (long long)H, sp.median * 1e3, sp.min * 1e3, sb.median * 1e3,
+              sb.min * 1e3, sb.median / sp.median, flops / sp.min / 1e9, flops / sb.min / 1e9,
+              sb.median < sp.median ? "mm" : "packed", fastlstm::cpu::packed_products_only() ? "packed" : "mm");
+  std::fflush(stdout);
+}
+
 // The bfloat16 input projection, gates[M, 4H] = x[M, I] W_ih^T (I = H) in float32, two ways: the
 // packed kernel (bf16_kernels_cpu.h, float32 out, as Bf16Policy calls it: on AMX tiles, or with
 // vdpbf16ps under FASTLSTM_CPU_AMX=0; the first line names which) and ATen's bfloat16 mm (oneDNN;
@@ -184,6 +211,7 @@ int main(int argc, char** argv) {
     for (const int64_t M : {256, 2048, 16000}) compare({"dx", M, 4 * H, H, false, false}, w, false, repeats);
     for (const int64_t B : {1, 16, 64}) compare({"step", B, H, 4 * H, true, true}, w, true, repeats);
     for (const int64_t B : {1, 16, 64}) compare({"step_bwd", B, 4 * H, H, true, false}, w, false, repeats);
+    for (const int64_t M : {2048, 16000}) compare_weight_gradient(M, H, repeats);
   }
   return 0;
 }
