@@ -34,7 +34,7 @@ const char* capability_report();
 // Whether every product with a weight, and the weight gradients, run on fastlstm's own kernels
 // (packed_gemm_cpu.h) instead of ATen's mm where that measured faster on an Intel CPU. By default
 // (FASTLSTM_CPU_GEMM unset or "auto"): when ATen's mm is MKL and the CPU is not Intel's, where MKL
-// takes generic code paths: on an AMD EPYC (Zen 5) VM fastlstm's kernels beat it on the products
+// takes its non-Intel code path: on an AMD EPYC (Zen 5) VM fastlstm's kernels beat it on the products
 // this moves off mm (dL/dx over many rows, the weight gradients, depths past 512), 1.7-2.6x at
 // the AVX-512 level and 0.94-1.40x at AVX2 (all but one row >= 1.06x; benchmarks/NOTES.md).
 // FASTLSTM_CPU_GEMM=packed forces it, =blas forces the Intel rule (the tests run both).
