@@ -2,7 +2,8 @@
 """Where fastlstm's CPU forward spends its time: `perf record` (cpu-clock sampling, which works
 in VMs without hardware counters) of repeated inference forwards, samples grouped by phase:
 
-  input projection   x W_ih^T: the packed kernel (or ATen's mm, MKL's sgemm, for I > 512)
+  input projection   x W_ih^T: the fused forward's projection tiles (float kernels), else the
+                     packed kernel (or ATen's mm, MKL's sgemm, for I > 512)
   recurrent product  the k loop of the fused forward tile (h_{t-1} W_hh^T in registers)
   cell epilogue      the rest of the fused tile: bias, activations, c and h stores
   barrier            the step's spin barrier, and OpenMP's own waits and wake-ups
@@ -70,7 +71,7 @@ def report_rows(report: str) -> list[tuple[float, str, str]]:
 
 
 def phase_of(dso: str, sym: str) -> str:
-    if re.search(r"mkl_|sgemm|::tile<|::multiply<", sym):
+    if re.search(r"mkl_|sgemm|::tile<|::multiply<|projection_tile<", sym):
         return "input projection"
     if "libgomp" in dso or re.search(r"SpinBarrier|arrive_and_wait|sched_yield", sym):
         return "barrier"

@@ -77,9 +77,14 @@ struct CpuPolicy {
     void forward(int64_t B, const S* r, S* gates) { mat_.times_transposed(B, r, gates, true); }
     // carry[B, K] += dG[B, 4H] W_hh
     void backward(int64_t B, const S* dgates, S* carry) { mat_.times(B, dgates, carry, true); }
+    // The fused forward computes x W_ih^T itself (a.x, a.w_ih), in the time its threads would
+    // spend waiting at each step's barrier (kernels/fused_forward.h), up to the depth where the
+    // packed kernel would run the projection anyway (beyond it, MKL on Intel CPUs).
+    static bool projects_input(int64_t I) { return I <= forward_packed_max_depth(); }
     void fused_forward(const ChunkRecurrenceArgs<S, S>& a) {
       if (!fused_fwd_.defined()) fused_fwd_ = pack_fused_forward<S>(w_.data_ptr<S>(), w_.size(1));
-      cpu::fused_forward<S>(a, fused_fwd_.data_ptr<S>());
+      if (a.x != nullptr && !fused_ih_.defined()) fused_ih_ = pack_fused_projection<S>(a.w_ih, w_.size(1), a.I);
+      cpu::fused_forward<S>(a, fused_fwd_.data_ptr<S>(), a.x != nullptr ? fused_ih_.data_ptr<S>() : nullptr);
     }
     void fused_backward(const ChunkRecurrenceArgs<S, S>& a) {
       if (!fused_bwd_.defined()) fused_bwd_ = pack_fused_backward<S>(w_.data_ptr<S>(), w_.size(1));
@@ -87,7 +92,7 @@ struct CpuPolicy {
     }
 
    private:
-    at::Tensor w_, fused_fwd_, fused_bwd_;
+    at::Tensor w_, fused_fwd_, fused_ih_, fused_bwd_;
     Matrix<S> mat_;
   };
 
@@ -166,6 +171,7 @@ struct Bf16Policy : CpuPolicy {
 
    public:
     explicit Recurrent(const at::Tensor& w_hh) : w_(w_hh) {}
+    static constexpr bool projects_input(int64_t) { return false; }  // the driver's bfloat16 projection
     void forward(int64_t, const BF16*, float*) { stepwise(); }
     void fused_forward(const ChunkRecurrenceArgs<BF16, float>& a) {
       const Bf16Kernels& k = PackedKernels<BF16>::get();
@@ -221,6 +227,7 @@ struct Bf16RecomputePolicy : CpuPolicy {
 
    public:
     explicit Recurrent(const at::Tensor& w_hh) : CpuPolicy::Recurrent<S>(w_hh), bf16_(w_hh.to(at::kBFloat16)) {}
+    static constexpr bool projects_input(int64_t) { return false; }  // Matrix's bfloat16 projection
 
     // Steps [s0, s0 + n): the bfloat16 forward into bfloat16 copies of their h slots, then back.
     void fused_forward(const ChunkRecurrenceArgs<float, float>& a) {

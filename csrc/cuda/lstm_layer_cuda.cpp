@@ -58,6 +58,7 @@ struct CudaPolicy {
     explicit Recurrent(const at::Tensor& w_hh) : mat_(w_hh) {}
     void forward(int64_t B, const S* r, A* gates) { mat_.times_transposed(B, r, gates, true); }
     void backward(int64_t B, const S* dgates, A* carry) { mat_.times(B, dgates, carry, true); }
+    static constexpr bool projects_input(int64_t) { return false; }  // one cuBLAS GEMM per chunk
     void fused_forward(const ChunkRecurrenceArgs<S, A>& a) { persistent_forward<S, A>(a); }
     void fused_backward(const ChunkRecurrenceArgs<S, A>& a) { persistent_backward<S, A>(a); }
 

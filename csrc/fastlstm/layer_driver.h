@@ -13,7 +13,8 @@
 //
 // Policy contract: Matrix<scalar_t>, a weight prepared once per call for repeated products
 // (times_transposed: out = A W^T, times: out = A W); Recurrent<scalar_t>, the same for W_hh plus
-// fused_forward / fused_backward, a whole-chunk recurrence; projection_steps (how many steps of
+// fused_forward / fused_backward, a whole-chunk recurrence, and projects_input(I) (whether
+// fused_forward computes x W_ih^T itself, from the args' x and w_ih); projection_steps (how many steps of
 // input projection to run ahead of the recurrence); inference_chunk (steps per chunk when no
 // backward follows); norm_rows and norm_tiles (the shape of the per-step norm partial sums);
 // weight_gradient(dG, X) = dG^T X over a chunk's rows; the pointwise kernels of step_args.h.
@@ -360,9 +361,18 @@ class LayerDriver {
   }
 
   // Runs processing steps [s0, s0 + n) into the chunk's slots, from state (r_init, c_init). The
-  // input projection runs a block of Policy::projection_steps at a time, just before the block's
-  // recurrence, so its output is still in cache when the recurrence reads it.
+  // input projection runs inside the fused recurrence where the policy's kernel computes it
+  // (Recurrent::projects_input), else a block of Policy::projection_steps at a time, just before
+  // the block's recurrence, so its output is still in cache when the recurrence reads it.
   void chunk_forward(int64_t s0, int64_t n, const Storage& st, const scalar_t* r_init, const acc_t* c_init) {
+    if (fused_ && recurrent_.projects_input(I_)) {
+      ChunkRecurrenceArgs<scalar_t, acc_t> a = recurrence_args(st, s0, n, r_init, c_init);
+      a.x = x_.data_ptr<scalar_t>();
+      a.w_ih = w_ih_.data_ptr<scalar_t>();
+      a.I = I_;
+      recurrent_.fused_forward(a);
+      return;
+    }
     const int64_t block = std::max<int64_t>(1, std::min(n, Policy::projection_steps(B_, H_)));
     for (int64_t i0 = 0; i0 < n; i0 += block) {
       const int64_t m = std::min(block, n - i0), tb = block_start(s0 + i0, m);

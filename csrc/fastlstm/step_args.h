@@ -100,6 +100,11 @@ struct ChunkRecurrenceArgs {
   const bool* reset;        // (T, B) or null; r then does not alias y
   int64_t s0, n, tlo, T, B, H;
   bool reverse;
+  // forward, where the policy's kernel computes x W_ih^T itself (Recurrent::projects_input; else
+  // null, and gates holds it on entry): the layer input (T, B, I) and W_ih (4H, I)
+  const scalar_t* x;
+  const scalar_t* w_ih;
+  int64_t I;
   // backward only
   const scalar_t* dy;       // full (T, B, H) or null
   scalar_t* dgates;         // slot-indexed like gates

@@ -28,13 +28,14 @@ struct StateIO<T, T> {
   static void store(const V& v, T* p, int64_t cnt) { v.store(p, cnt); }
 };
 
-// The fused forward's W_hh panels, unit blocks of L units with the four gates of each unit side
-// by side: packed[ub][k / P][gate][l][k % P] = W_hh[gate * H + ub * L + l, k] (W_hh is 4H x H),
-// zero past H units and for k in [H, depth). P = 1 for the float kernels; 2 for the bfloat16
-// ones, which read the reduction in pairs (vdpbf16ps, AMX), with depth padded to their tiles.
+// The fused forward's weight panels, unit blocks of L units with the four gates of each unit side
+// by side: packed[ub][k / P][gate][l][k % P] = W[gate * H + ub * L + l, k] for W (4H x K): W_hh
+// (K = H), or W_ih (K = I) where the kernel computes the input projection; zero past H units and
+// for k in [K, depth). P = 1 for the float kernels; 2 for the bfloat16 ones, which read the
+// reduction in pairs (vdpbf16ps, AMX), with depth padded to their tiles.
 template <int P, class T>
-at::Tensor pack_gate_panels(const T* w, int64_t H, int64_t L, int64_t depth) {
-  const int64_t K = H, blocks = (H + L - 1) / L;
+at::Tensor pack_gate_panels(const T* w, int64_t H, int64_t K, int64_t L, int64_t depth) {
+  const int64_t blocks = (H + L - 1) / L;
   at::Tensor packed = at::zeros({blocks, depth / P, 4, L, P}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   T* p = packed.data_ptr<T>();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -144,19 +145,37 @@ void prefetch_units(const T* base, int64_t B, int64_t width, int64_t parts, int6
 // step reads every unit of h_t). make_worker() runs on each thread before its first step and
 // returns its worker w: w.step(r_prev) starts each step, w(ub, row0, rows, t, slot, r_prev, c_prev)
 // computes a tile.
-template <int L, int kRows, class S, class A, class MakeWorker>
-void fused_forward_steps(const ChunkRecurrenceArgs<S, A>& a, const MakeWorker& make_worker) {
+//
+// With a projection (a.x set), project(ub, row0, rows) computes x W_ih^T into the gate rows
+// [row0, row0 + rows) (row slot * B + b) of unit block ub: each thread projects its own units, which
+// only it reads, so no barrier guards them. It runs ahead, for the next steps, between the thread's
+// arrival at a step's barrier and its wait there: the time a thread would spend waiting for the
+// slowest one goes into work that does not depend on h_t. The steps go in groups of
+// ceil(kRows / B), so that a projection tile has up to kRows rows also for small batches.
+template <int L, int kRows, class S, class A, class MakeWorker, class Project>
+void fused_forward_steps(const ChunkRecurrenceArgs<S, A>& a, const MakeWorker& make_worker, const Project& project) {
   if (a.B == 0 || a.H == 0 || a.n == 0) return;
   const int64_t H = a.H, B = a.B, blocks = (H + L - 1) / L;
+  const int64_t group = a.x ? (kRows + B - 1) / B : 0;
   SpinBarrier barrier(slices_for(blocks));
   for_each_slice(blocks, [&](int64_t ub0, int64_t ub1, int64_t weight) {
+    // Steps [i0, min(i0 + group, n)): their slots are consecutive, in either direction.
+    const auto project_steps = [&](int64_t i0) {
+      const int64_t i1 = std::min(a.n, i0 + group);
+      const int64_t first = slot_of_step(a, a.s0 + i0), last = slot_of_step(a, a.s0 + i1 - 1);
+      const int64_t lo = std::min(first, last), rows = (std::max(first, last) - lo + 1) * B;
+      for (int64_t ub = ub0; ub < ub1; ++ub) {
+        for_each_row_block<kRows>(rows, [&](int64_t row0, int64_t count) { project(ub, lo * B + row0, count); });
+      }
+    };
+    if (group) project_steps(0);
     auto worker = make_worker();
     for (int64_t i = 0; i < a.n; ++i) {
       const int64_t s = a.s0 + i, slot = slot_of_step(a, s), t = slot + a.tlo;
       const int64_t prev = i == 0 ? -1 : slot_of_step(a, s - 1);
       const S* r_prev = prev < 0 ? a.r_init : a.r + prev * B * H;
       const A* c_prev = prev < 0 ? a.c_init : a.c + prev * B * H;
-      if (i + 1 < a.n) {
+      if (!group && i + 1 < a.n) {  // a projection writes them just before they are read
         prefetch_units(a.gates + slot_of_step(a, s + 1) * B * 4 * H, B, 4 * H, 4, H, ub0 * L, std::min(H, ub1 * L));
       }
       worker.step(r_prev);
@@ -166,9 +185,18 @@ void fused_forward_steps(const ChunkRecurrenceArgs<S, A>& a, const MakeWorker& m
           worker(ub, row0, rows, t, slot, r_prev, c_prev);
         });
       }
-      barrier.arrive_and_wait(weight);
+      const int64_t token = barrier.arrive(weight);
+      if (group && (i + 1) % group == 0 && i + 1 < a.n) project_steps(i + 1);
+      barrier.wait(token);
     }
   });
+}
+
+// Without a projection: a.gates holds x W_ih^T on entry.
+template <int L, int kRows, class S, class A, class MakeWorker>
+void fused_forward_steps(const ChunkRecurrenceArgs<S, A>& a, const MakeWorker& make_worker) {
+  TORCH_CHECK(a.x == nullptr, "fastlstm: internal error: this fused forward does not compute the input projection");
+  fused_forward_steps<L, kRows>(a, make_worker, [](int64_t, int64_t, int64_t) {});
 }
 
 // The worker of a kernel that keeps no per-thread state: rows(...) per tile.

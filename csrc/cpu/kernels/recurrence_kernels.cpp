@@ -6,7 +6,9 @@
 // units in the forward, the same units' columns of W_hh in the backward. Its slice of W_hh is
 // packed once, so it stays in that core's cache for the whole sequence. Per step:
 //   forward   gates of own units = Gx + h_{t-1} W_hh^T (register tile of kRows rows x
-//             gates_per_pass gate vectors), cell update in registers, h_t written; one barrier.
+//             gates_per_pass gate vectors), cell update in registers, h_t written; one barrier,
+//             during which the thread computes the next steps' Gx of its own units (x W_ih^T,
+//             where the caller passes W_ih's panels; else Gx is in the gate buffer already).
 //   backward  cell backward of own units -> dG_t; barrier; carry_h of own units
 //             += dG_t W_hh[:, own] (register tile of kCarryRows rows x kCarryBlocks unit blocks).
 // The semantics (padding, resets, truncation, clipping, norms) are cell_math.h's, as in the stepwise path.
@@ -44,6 +46,24 @@ struct Blocking {
   static constexpr int kCarryBlocks = kWide ? 4 : 2;
 };
 
+// acc[m][q] += rows[m][0] w[0][q] + rows[m][1] w[1][q] + ... over k < depth, in k order: w the
+// gate vectors q of a unit block's panel (rows of 4 gates x L units, from the pass's first gate).
+template <class T, int R, int NG>
+C10_ALWAYS_INLINE void accumulate_gates(at::vec::Vectorized<T> (&acc)[R][NG], const T* const (&rows)[R], const T* panel,
+                                        int64_t depth) {
+  using V = at::vec::Vectorized<T>;
+  constexpr int L = V::size();
+  for (int64_t k = 0; k < depth; ++k) {
+    const T* w = panel + k * 4 * L;
+    V wq[NG];
+    static_for<NG>([&](auto q) { wq[q] = V::loadu(w + q * L); });
+    static_for<R>([&](auto m) {
+      const V s(rows[m][k]);
+      static_for<NG>([&](auto q) { acc[m][q] = at::vec::fmadd(s, wq[q], acc[m][q]); });
+    });
+  }
+}
+
 // One forward tile: R rows from row0 x unit block ub: the gates' x W_ih^T plus h_{t-1} W_hh^T
 // accumulated in registers, then the cell update. kFull: the block has L units, so no access is
 // masked. Never inlined: inlined into the step loop, GCC stored some tiles' accumulators to the
@@ -65,15 +85,7 @@ C10_NOINLINE void forward_tile(const ChunkRecurrenceArgs<T, T>& a, const T* pane
     static_for<R>([&](auto m) {
       static_for<NG>([&](auto q) { acc[m][q] = V::loadu(g0 + m * 4 * H + (q0 + q) * H, cnt); });
     });
-    for (int64_t k = 0; k < K; ++k) {
-      const T* w = panel + k * 4 * L + q0 * L;
-      V wq[NG];
-      static_for<NG>([&](auto q) { wq[q] = V::loadu(w + q * L); });
-      static_for<R>([&](auto m) {
-        const V s(h[m][k]);
-        static_for<NG>([&](auto q) { acc[m][q] = at::vec::fmadd(s, wq[q], acc[m][q]); });
-      });
-    }
+    accumulate_gates<T, R, NG>(acc, h, panel + q0 * L, K);
     if constexpr (p + 1 < kPasses) {
       static_for<R>([&](auto m) {
         static_for<NG>([&](auto q) { acc[m][q].store(g0 + m * 4 * H + (q0 + q) * H, cnt); });
@@ -104,6 +116,44 @@ void forward_rows(const ChunkRecurrenceArgs<T, T>& a, const T* panel, int64_t ub
       forward_tile<T, r + 1, true>(a, panel, ub, row0, t, slot, r_prev, c_prev);
     } else {
       forward_tile<T, r + 1, false>(a, panel, ub, row0, t, slot, r_prev, c_prev);
+    }
+  });
+}
+
+// One input-projection tile: gate rows [row0, row0 + R) (row slot * B + b) x unit block ub =
+// x W_ih^T, from the layer input's rows tlo * B + row0 + m. Each gate's sum is
+// 0 + x[0] w[0] + x[1] w[1] + ... in k order, as the packed GEMM computes it, so the gates are
+// bitwise those of the driver's projection.
+template <class T, int R, bool kFull>
+C10_NOINLINE void projection_tile(const ChunkRecurrenceArgs<T, T>& a, const T* panel, int64_t ub, int64_t row0) {
+  using V = typename Blocking<T>::V;
+  constexpr int L = Blocking<T>::L, NG = Blocking<T>::template gates_per_pass<R>(), kPasses = 4 / NG;
+  const int64_t H = a.H, I = a.I, j0 = ub * L, cnt = kFull ? L : std::min<int64_t>(L, H - j0);
+  T* g0 = a.gates + row0 * 4 * H + j0;
+  const T* x[R];
+  static_for<R>([&](auto m) { x[m] = a.x + (a.tlo * a.B + row0 + m) * I; });
+  static_for<kPasses>([&](auto p) C10_ALWAYS_INLINE_ATTRIBUTE {
+    constexpr int q0 = p * NG;
+    V acc[R][NG];
+    static_for<R>([&](auto m) { static_for<NG>([&](auto q) { acc[m][q] = V(T(0)); }); });
+    accumulate_gates<T, R, NG>(acc, x, panel + q0 * L, I);
+    static_for<R>([&](auto m) {
+      static_for<NG>([&](auto q) { acc[m][q].store(g0 + m * 4 * H + (q0 + q) * H, cnt); });
+    });
+  });
+}
+
+// Projection rows [row0, row0 + rows) with rows <= kRows, through the tile of exactly that many rows.
+template <class T>
+void projection_rows(const ChunkRecurrenceArgs<T, T>& a, const T* panel, int64_t ub, int64_t row0, int64_t rows) {
+  constexpr int L = Blocking<T>::L;
+  const bool full = (ub + 1) * L <= a.H;
+  static_for<Blocking<T>::kRows>([&](auto r) {
+    if (rows != r + 1) return;
+    if (full) {
+      projection_tile<T, r + 1, true>(a, panel, ub, row0);
+    } else {
+      projection_tile<T, r + 1, false>(a, panel, ub, row0);
     }
   });
 }
@@ -203,7 +253,13 @@ int64_t unit_blocks(int64_t H) {
 // Forward panels: packed[ub][k][gate][l] = W_hh[gate * H + ub * L + l, k], zero past H.
 template <class T>
 at::Tensor pack_fused_forward(const T* w, int64_t H) {
-  return pack_gate_panels<1>(w, H, Blocking<T>::L, H);
+  return pack_gate_panels<1>(w, H, H, Blocking<T>::L, H);
+}
+
+// The same for W_ih (4H, I), for the forward's own input projection.
+template <class T>
+at::Tensor pack_fused_projection(const T* w_ih, int64_t H, int64_t I) {
+  return pack_gate_panels<1>(w_ih, H, I, Blocking<T>::L, I);
 }
 
 // Backward panels: packed[ub][n][l] = W_hh[n, ub * L + l], zero past H.
@@ -222,16 +278,20 @@ at::Tensor pack_fused_backward(const T* w, int64_t H) {
 }
 
 template <class T>
-void fused_forward(const ChunkRecurrenceArgs<T, T>& a, const T* p) {
+void fused_forward(const ChunkRecurrenceArgs<T, T>& a, const T* p, const T* p_ih) {
+  TORCH_CHECK((a.x == nullptr) == (p_ih == nullptr), "fastlstm: internal error: input and W_ih panels go together");
   constexpr int L = Blocking<T>::L;
   const auto tile_rows = [&](int64_t ub, int64_t row0, int64_t rows, int64_t t, int64_t slot, const T* r_prev,
                              const T* c_prev) { forward_rows(a, p + ub * a.H * 4 * L, ub, row0, rows, t, slot, r_prev, c_prev); };
+  const auto project = [&](int64_t ub, int64_t row0, int64_t rows) {
+    projection_rows(a, p_ih + ub * a.I * 4 * L, ub, row0, rows);
+  };
   // AVX2 with a short reduction: the two passes' fixed costs outweigh the taller tile (T=4000,
   // B=4, H=64: 15 ms a forward with 4-row tiles, 13 with 2-row ones).
   if (!Blocking<T>::kWide && a.H < 128) {
-    fused_forward_steps<L, 2>(a, stateless(tile_rows));
+    fused_forward_steps<L, 2>(a, stateless(tile_rows), project);
   } else {
-    fused_forward_steps<L, Blocking<T>::kRows>(a, stateless(tile_rows));
+    fused_forward_steps<L, Blocking<T>::kRows>(a, stateless(tile_rows), project);
   }
 }
 
@@ -276,8 +336,8 @@ void fused_backward(const ChunkRecurrenceArgs<T, T>& a, const T* p) {
 
 template <class T>
 const RecurrenceKernels<T>& recurrence_kernel_table() {
-  static constexpr RecurrenceKernels<T> table{&unit_blocks<T>, &pack_fused_forward<T>, &pack_fused_backward<T>,
-                                              &fused_forward<T>, &fused_backward<T>};
+  static constexpr RecurrenceKernels<T> table{&unit_blocks<T>,     &pack_fused_forward<T>, &pack_fused_projection<T>,
+                                              &pack_fused_backward<T>, &fused_forward<T>,  &fused_backward<T>};
   return table;
 }
 

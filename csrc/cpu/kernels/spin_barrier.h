@@ -20,14 +20,19 @@ class SpinBarrier {
  public:
   explicit SpinBarrier(int64_t total_weight) : total_(total_weight) {}
 
-  void arrive_and_wait(int64_t weight) {
+  // arrive() then wait(): work between the two overlaps the others' arrival. arrive returns the
+  // token that wait needs.
+  int64_t arrive(int64_t weight) {
     const int64_t generation = generation_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(weight, std::memory_order_acq_rel) + weight == total_) {
       arrived_.store(0, std::memory_order_relaxed);
       generation_.fetch_add(1, std::memory_order_release);
-      return;
     }
-    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
+    return generation;
+  }
+
+  void wait(int64_t token) const {
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == token; ++spins) {
       if (spins < 4096) {
         relax();
       } else {
@@ -35,6 +40,8 @@ class SpinBarrier {
       }
     }
   }
+
+  void arrive_and_wait(int64_t weight) { wait(arrive(weight)); }
 
  private:
   static void relax() {

@@ -147,7 +147,7 @@ constexpr int kRows = 6;
 
 // Forward panels: packed[ub][k / 2][gate][l][k % 2] = W_hh[gate * H + ub * L + l, k], zero past H
 // (units) and past K (padded_pairs).
-at::Tensor pack_forward(const BF* w, int64_t H) { return pack_gate_panels<2>(w, H, L, 2 * padded_pairs(H)); }
+at::Tensor pack_forward(const BF* w, int64_t H) { return pack_gate_panels<2>(w, H, H, L, 2 * padded_pairs(H)); }
 
 // R rows from row0 x unit block ub: the gates' x W_ih^T (already in a.gates) plus h_{t-1} W_hh^T
 // accumulated in registers, then the cell update. kFull: the block has L units (no masks). Never
