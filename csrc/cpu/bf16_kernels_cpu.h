@@ -27,7 +27,11 @@ struct Bf16Kernels {
   // h_{t-1} W_hh^T from the bfloat16 h_{t-1} and W_hh, h_t rounded to bfloat16 (as the layer
   // outputs it and the next step reads it). W_hh packed once per layer call by pack_forward.
   at::Tensor (*pack_forward)(const BF* w_hh, int64_t H);
-  void (*forward)(const ChunkRecurrenceArgs<BF, float>& a, const BF* packed);
+  // W_ih (4H, I) the same way, for a forward that computes x W_ih^T itself (null where the
+  // kernels do not: the AMX ones take the layer's projection).
+  at::Tensor (*pack_projection)(const BF* w_ih, int64_t H, int64_t I);
+  // packed_ih: null when a.gates holds x W_ih^T on entry (a.x null), else W_ih's panels.
+  void (*forward)(const ChunkRecurrenceArgs<BF, float>& a, const BF* packed, const BF* packed_ih);
 };
 
 namespace AVX512_BF16 {

@@ -171,16 +171,19 @@ struct Bf16Policy : CpuPolicy {
 
    public:
     explicit Recurrent(const at::Tensor& w_hh) : w_(w_hh) {}
-    static constexpr bool projects_input(int64_t) { return false; }  // the driver's bfloat16 projection
+    // The vdpbf16ps kernels compute x W_ih^T themselves, as the float ones do; the AMX ones
+    // (16-row tiles) take the layer's projection.
+    static bool projects_input(int64_t) { return PackedKernels<BF16>::get().pack_projection != nullptr; }
     void forward(int64_t, const BF16*, float*) { stepwise(); }
     void fused_forward(const ChunkRecurrenceArgs<BF16, float>& a) {
       const Bf16Kernels& k = PackedKernels<BF16>::get();
       if (!packed_.defined()) packed_ = k.pack_forward(w_.data_ptr<BF16>(), w_.size(1));
-      k.forward(a, packed_.data_ptr<BF16>());
+      if (a.x != nullptr && !packed_ih_.defined()) packed_ih_ = k.pack_projection(a.w_ih, w_.size(1), a.I);
+      k.forward(a, packed_.data_ptr<BF16>(), a.x != nullptr ? packed_ih_.data_ptr<BF16>() : nullptr);
     }
 
    private:
-    at::Tensor w_, packed_;
+    at::Tensor w_, packed_, packed_ih_;
   };
 
   template <class S, class A>

@@ -149,6 +149,24 @@ constexpr int kRows = 6;
 // (units) and past K (padded_pairs).
 at::Tensor pack_forward(const BF* w, int64_t H) { return pack_gate_panels<2>(w, H, H, L, 2 * padded_pairs(H)); }
 
+// acc[m][q] += the dot products of rows[m] with gate vector q of a unit block's panel over depth,
+// pair by pair (an odd depth ends with a half pair), as gemm_tile orders them.
+template <int R>
+C10_ALWAYS_INLINE void accumulate_pairs(__m512 (&acc)[R][4], const BF* const (&rows)[R], const BF* panel, int64_t depth) {
+  // Every level always inlined: GCC otherwise called the row loop once per pair.
+  auto step = [&](const BF* w, auto half, int64_t k) C10_ALWAYS_INLINE_ATTRIBUTE {
+    __m512bh wq[4];
+    static_for<4>([&](auto q) C10_ALWAYS_INLINE_ATTRIBUTE { wq[q] = load_pairs(w + q * 2 * L); });
+    static_for<R>([&](auto m) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const __m512bh s = broadcast_pair<decltype(half)::value>(rows[m] + k);
+      static_for<4>([&](auto q) C10_ALWAYS_INLINE_ATTRIBUTE { acc[m][q] = _mm512_dpbf16_ps(acc[m][q], s, wq[q]); });
+    });
+  };
+  const int64_t pairs = depth / 2;
+  for (int64_t kp = 0; kp < pairs; ++kp) step(panel + kp * 8 * L, std::false_type{}, 2 * kp);
+  if (depth % 2) step(panel + pairs * 8 * L, std::true_type{}, depth - 1);
+}
+
 // R rows from row0 x unit block ub: the gates' x W_ih^T (already in a.gates) plus h_{t-1} W_hh^T
 // accumulated in registers, then the cell update. kFull: the block has L units (no masks). Never
 // inlined, for the float kernels' reason (recurrence_kernels.cpp).
@@ -165,37 +183,67 @@ C10_NOINLINE void forward_tile(const ChunkRecurrenceArgs<BF, float>& a, const BF
     h[m] = r_prev + (row0 + m) * K;
     static_for<4>([&](auto q) { acc[m][q] = _mm512_maskz_loadu_ps(mask, g0 + m * 4 * H + q * H); });
   });
-  const int64_t pairs = K / 2;
-  auto step = [&](const BF* w, auto half, int64_t k) C10_ALWAYS_INLINE_ATTRIBUTE {
-    __m512bh wq[4];
-    static_for<4>([&](auto q) { wq[q] = load_pairs(w + q * 2 * L); });
-    static_for<R>([&](auto m) {
-      const __m512bh s = broadcast_pair<decltype(half)::value>(h[m] + k);
-      static_for<4>([&](auto q) { acc[m][q] = _mm512_dpbf16_ps(acc[m][q], s, wq[q]); });
-    });
-  };
-  for (int64_t kp = 0; kp < pairs; ++kp) step(panel + kp * 8 * L, std::false_type{}, 2 * kp);
-  if (K % 2) step(panel + pairs * 8 * L, std::true_type{}, K - 1);
+  accumulate_pairs<R>(acc, h, panel, K);
   static_for<R>([&](auto m) {
     row_epilogue<L, kFull>(a, V(acc[m][0]), V(acc[m][1]), V(acc[m][2]), V(acc[m][3]), row0 + m, j0, cnt, t, slot,
                            r_prev, c_prev);
   });
 }
 
-void fused_forward(const ChunkRecurrenceArgs<BF, float>& a, const BF* p) {
-  const int64_t panel_size = padded_pairs(a.H) * 8 * L;
-  fused_forward_steps<L, kRows>(a, stateless([&](int64_t ub, int64_t row0, int64_t rows, int64_t t, int64_t slot,
-                                                 const BF* r_prev, const float* c_prev) {
+// The fused forward's own input projection: gate rows [row0, row0 + R) (row slot * B + b) x unit
+// block ub = x W_ih^T, from the layer input's rows tlo * B + row0 + m; the same dot products in
+// the same order as gemm_tile's, so bitwise the gates of the layer's projection.
+template <int R, bool kFull>
+C10_NOINLINE void projection_tile(const ChunkRecurrenceArgs<BF, float>& a, const BF* panel, int64_t ub, int64_t row0) {
+  const int64_t H = a.H, j0 = ub * L, cnt = kFull ? L : std::min<int64_t>(L, H - j0);
+  const __mmask16 mask = lanes(cnt);
+  float* g0 = a.gates + row0 * 4 * H + j0;
+  __m512 acc[R][4];
+  const BF* x[R];
+  static_for<R>([&](auto m) {
+    x[m] = a.x + (a.tlo * a.B + row0 + m) * a.I;
+    static_for<4>([&](auto q) { acc[m][q] = _mm512_setzero_ps(); });
+  });
+  accumulate_pairs<R>(acc, x, panel, a.I);
+  static_for<R>([&](auto m) {
+    static_for<4>([&](auto q) { _mm512_mask_storeu_ps(g0 + m * 4 * H + q * H, mask, acc[m][q]); });
+  });
+}
+
+// W_ih (4H, I) in the forward panels' layout, its depth I padded to pairs of tiles.
+at::Tensor pack_projection(const BF* w, int64_t H, int64_t I) {
+  return pack_gate_panels<2>(w, H, I, L, 2 * padded_pairs(I));
+}
+
+void fused_forward(const ChunkRecurrenceArgs<BF, float>& a, const BF* p, const BF* p_ih) {
+  TORCH_CHECK((a.x == nullptr) == (p_ih == nullptr), "fastlstm: internal error: input and W_ih panels go together");
+  const int64_t panel_size = padded_pairs(a.H) * 8 * L, projection_panel = padded_pairs(a.I) * 8 * L;
+  // Tile of `rows` rows (<= kRows) of unit block ub: full blocks without masks.
+  const auto tiles = [&](int64_t ub, int64_t rows, const auto& call) {
     const bool full = (ub + 1) * L <= a.H;
     static_for<kRows>([&](auto r) {
       if (rows != r + 1) return;
       if (full) {
-        forward_tile<r + 1, true>(a, p + ub * panel_size, ub, row0, t, slot, r_prev, c_prev);
+        call(std::integral_constant<int, r + 1>{}, std::true_type{});
       } else {
-        forward_tile<r + 1, false>(a, p + ub * panel_size, ub, row0, t, slot, r_prev, c_prev);
+        call(std::integral_constant<int, r + 1>{}, std::false_type{});
       }
     });
-  }));
+  };
+  fused_forward_steps<L, kRows>(
+      a,
+      stateless([&](int64_t ub, int64_t row0, int64_t rows, int64_t t, int64_t slot, const BF* r_prev,
+                    const float* c_prev) {
+        tiles(ub, rows, [&](auto r, auto full) {
+          forward_tile<decltype(r)::value, decltype(full)::value>(a, p + ub * panel_size, ub, row0, t, slot, r_prev,
+                                                                   c_prev);
+        });
+      }),
+      [&](int64_t ub, int64_t row0, int64_t rows) {
+        tiles(ub, rows, [&](auto r, auto full) {
+          projection_tile<decltype(r)::value, decltype(full)::value>(a, p_ih + ub * projection_panel, ub, row0);
+        });
+      });
 }
 
 // ---------------------------------------------------------------- AMX (tiles of 16 rows)
@@ -354,19 +402,20 @@ class AmxForwardWorker {
   alignas(64) float c_[16 * 4 * L];
 };
 
-void fused_forward_amx(const ChunkRecurrenceArgs<BF, float>& a, const BF* p) {
+void fused_forward_amx(const ChunkRecurrenceArgs<BF, float>& a, const BF* p, const BF* p_ih) {
+  TORCH_CHECK(p_ih == nullptr, "fastlstm: internal error: the AMX forward takes the layer's input projection");
   fused_forward_steps<L, 16>(a, [&] { return AmxForwardWorker(a, p); });
 }
 
 }  // namespace
 
 const Bf16Kernels& bf16_kernel_table() {
-  static constexpr Bf16Kernels table{&panel_width, &pack, &multiply, &pack_forward, &fused_forward};
+  static constexpr Bf16Kernels table{&panel_width, &pack, &multiply, &pack_forward, &pack_projection, &fused_forward};
   return table;
 }
 
 const Bf16Kernels& bf16_amx_kernel_table() {
-  static constexpr Bf16Kernels table{&panel_width, &pack, &multiply_amx, &pack_forward, &fused_forward_amx};
+  static constexpr Bf16Kernels table{&panel_width, &pack, &multiply_amx, &pack_forward, nullptr, &fused_forward_amx};
   return table;
 }
 
