@@ -82,9 +82,12 @@ def plan(module: torch.nn.Module, input: torch.Tensor | PackedSequence, backend:
     if device.type == "cpu":
         if requested in ("persistent", "cluster"):
             return Plan("error", f"backend={requested!r} needs a CUDA device")
-        return Plan("cpu", f"fused C++ kernels ({_extension.cpu_capability()}): input projection as large GEMMs, "
-                           "the recurrence in one parallel region (step by step with proj_size), weight gradients "
-                           "as large GEMMs after the loop")
+        return Plan("cpu", f"fused C++ kernels ({_extension.cpu_capability()}): the recurrence in one parallel "
+                           "region, each thread computing its units' input projection for the next step while the "
+                           "others finish the current one (step by step, with the projection as GEMMs over blocks of "
+                           "steps, with proj_size, the AMX bfloat16 kernels, or input_size > 512 on Intel CPUs), weight "
+                           "gradients as large GEMMs "
+                           "after the loop")
     ok, reason = persistent_support(module.hidden_size, batch_size(module, input), data.dtype, device,
                                     getattr(module, "proj_size", 0))
     if requested == "stepwise":
