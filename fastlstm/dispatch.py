@@ -84,10 +84,9 @@ def plan(module: torch.nn.Module, input: torch.Tensor | PackedSequence, backend:
             return Plan("error", f"backend={requested!r} needs a CUDA device")
         return Plan("cpu", f"fused C++ kernels ({_extension.cpu_capability()}): the recurrence in one parallel "
                            "region, each thread computing its units' input projection for the next step while the "
-                           "others finish the current one (step by step, with the projection as GEMMs over blocks of "
-                           "steps, with proj_size, the AMX bfloat16 kernels, or input_size > 512 on Intel CPUs), weight "
-                           "gradients as large GEMMs "
-                           "after the loop")
+                           "others finish the current one (with proj_size, the AMX bfloat16 kernels or "
+                           "input_size > 512 on Intel CPUs: the projection as GEMMs over blocks of steps, and with "
+                           "proj_size the recurrence step by step), weight gradients as large GEMMs after the loop")
     ok, reason = persistent_support(module.hidden_size, batch_size(module, input), data.dtype, device,
                                     getattr(module, "proj_size", 0))
     if requested == "stepwise":
