@@ -29,18 +29,21 @@ struct Tiling {
   static constexpr int kWidth = kVecs * V::size();
 };
 
-// R rows (R <= kRows: a short last row block, or a small batch, computes no spare rows).
-// A row's result does not depend on R or on M (the same FMA sequence for every row): the forward
-// is bit-identical however its steps are chunked (checkpointing, inference chunks).
-template <class T, int R>
-void tile(int64_t depth, const T* A, const T* panel, T* C, int64_t ldc, int64_t cols_valid, bool accumulate) {
+// R rows (R <= kRows: a short last row block, or a small batch, computes no spare rows) x one
+// panel: C[m][c] (+)= sum over k < depth of A(m, k) panel[k][c], A(m, k) = A[m * lda + k], or
+// with kTransposedA A[k * lda + m] (the weight gradients' X^T). Only the first cols_valid columns
+// are stored. A row's result does not depend on R or on M (the same FMA sequence for every row):
+// the forward is bit-identical however its steps are chunked (checkpointing, inference chunks).
+template <class T, int R, bool kTransposedA>
+void tile(int64_t depth, const T* A, int64_t lda, const T* panel, T* C, int64_t ldc, int64_t cols_valid,
+                       bool accumulate) {
   using Tl = Tiling<T>;
   using V = typename Tl::V;
   constexpr int NV = Tl::kVecs, L = V::size();
   V acc[R][NV];
   const T* a[R];
   static_for<R>([&](auto m) {
-    a[m] = A + m * depth;
+    a[m] = kTransposedA ? A + m : A + m * lda;
     static_for<NV>([&](auto v) { acc[m][v] = V(T(0)); });
   });
   for (int64_t k = 0; k < depth; ++k) {
@@ -48,7 +51,7 @@ void tile(int64_t depth, const T* A, const T* panel, T* C, int64_t ldc, int64_t 
     V b[NV];
     static_for<NV>([&](auto v) { b[v] = V::loadu(p + v * L); });
     static_for<R>([&](auto m) {
-      const V s(a[m][k]);
+      const V s(kTransposedA ? a[m][k * lda] : a[m][k]);
       static_for<NV>([&](auto v) { acc[m][v] = at::vec::fmadd(s, b[v], acc[m][v]); });
     });
   }
@@ -94,42 +97,8 @@ void multiply(int64_t M, const T* A, const T* packed, int64_t rows, int64_t cols
   using Tl = Tiling<T>;
   for_each_tile<Tl::kRows, Tl::kWidth>(M, rows, cols, [&](auto r, int64_t row0, int64_t p, int) {
     const int64_t col0 = p * Tl::kWidth;
-    tile<T, decltype(r)::value>(rows, A + row0 * rows, packed + p * rows * Tl::kWidth, C + row0 * cols + col0, cols,
-                                std::min<int64_t>(Tl::kWidth, cols - col0), accumulate);
-  });
-}
-
-// C[R rows, one panel of kWidth columns] (+)= sum over k < depth of A[k][m] slab[k][c]: A
-// row-major (lda) and read in place, slab a chunk of B's panel (depth x kWidth; only the first
-// cols_valid columns are stored, whatever the slab holds past them). The same FMA sequence for
-// every element whatever R.
-template <class T, int R>
-C10_NOINLINE void transposed_tile(int64_t depth, const T* A, int64_t lda, const T* slab, T* C, int64_t ldc,
-                                  int64_t cols_valid, bool accumulate) {
-  using Tl = Tiling<T>;
-  using V = typename Tl::V;
-  constexpr int NV = Tl::kVecs, L = V::size();
-  V acc[R][NV];
-  static_for<R>([&](auto m) { static_for<NV>([&](auto v) { acc[m][v] = V(T(0)); }); });
-  for (int64_t k = 0; k < depth; ++k) {
-    const T* a = A + k * lda;
-    V w[NV];
-    static_for<NV>([&](auto v) { w[v] = V::loadu(slab + k * Tl::kWidth + v * L); });
-    static_for<R>([&](auto m) {
-      const V s(a[m]);
-      static_for<NV>([&](auto v) { acc[m][v] = at::vec::fmadd(s, w[v], acc[m][v]); });
-    });
-  }
-  static_for<R>([&](auto m) {
-    static_for<NV>([&](auto v) {
-      const int64_t col = static_cast<int64_t>(v) * L;
-      if (col >= cols_valid) return;
-      const int64_t count = std::min<int64_t>(L, cols_valid - col);
-      T* c = C + m * ldc + col;
-      V r = acc[m][v];
-      if (accumulate) r = r + V::loadu(c, count);
-      r.store(c, count);
-    });
+    tile<T, decltype(r)::value, false>(rows, A + row0 * rows, rows, packed + p * rows * Tl::kWidth, C + row0 * cols + col0,
+                                       cols, std::min<int64_t>(Tl::kWidth, cols - col0), accumulate);
   });
 }
 
@@ -139,7 +108,8 @@ C10_NOINLINE void transposed_tile(int64_t depth, const T* A, int64_t lda, const 
 // tiles); a chunk of B's panel is copied into a contiguous slab first: read in place, B's rows
 // are 4H floats apart (4 KiB at H = 256), so every row of a panel fell into the same L1 set and
 // the panel was refetched from L2 for every row block (the AVX2 kernel ran at 0.8x MKL's speed
-// at H = 256, 1.1x at H = 128). Tiles are split between the threads, each tile on one thread, so
+// at H = 256, 1.1x at H = 128). The slab has the packed panels' layout, so the packed kernel's
+// tile serves, reading A transposed. Tiles are split between the threads, each tile on one thread, so
 // the result does not depend on the thread count.
 template <class T>
 void multiply_at(int64_t depth, int64_t M, int64_t N, const T* A, const T* B, T* C) {
@@ -169,7 +139,7 @@ void multiply_at(int64_t depth, int64_t M, int64_t N, const T* A, const T* B, T*
         const int64_t row0 = rb * Tl::kRows, rows = std::min<int64_t>(Tl::kRows, M - row0);
         static_for<Tl::kRows>([&](auto r) {
           if (rows == r + 1) {
-            transposed_tile<T, r + 1>(kc, A + k0 * M + row0, M, slab.data(), C + row0 * N + col0, N, cols, k0 > 0);
+            tile<T, r + 1, true>(kc, A + k0 * M + row0, M, slab.data(), C + row0 * N + col0, N, cols, k0 > 0);
           }
         });
       }
