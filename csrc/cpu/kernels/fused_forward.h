@@ -11,9 +11,11 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../../fastlstm/step_args.h"
 #include "spin_barrier.h"
+#include "static_for.h"
 #include "vec_math.h"
 
 namespace fastlstm::cpu::CPU_CAPABILITY {
@@ -70,6 +72,22 @@ template <int kMax, class F>
 void for_each_row_block(int64_t B, const F& f) {
   const int64_t blocks = (B + kMax - 1) / kMax;
   for (int64_t r = 0; r < blocks; ++r) f(r * B / blocks, (r + 1) * B / blocks - r * B / blocks);
+}
+
+// Calls tile(std::integral_constant<int, R>, std::bool_constant<kFull>) for R = rows (<= kRows)
+// rows of unit block ub, kFull when the block has all L of its units (below H): both compile-time
+// in the tile, which then needs no masks for a full block.
+template <int L, int kRows, class Tile>
+void with_tile_shape(int64_t H, int64_t ub, int64_t rows, const Tile& tile) {
+  const bool full = (ub + 1) * L <= H;
+  static_for<kRows>([&](auto r) {
+    if (rows != r + 1) return;
+    if (full) {
+      tile(std::integral_constant<int, r + 1>{}, std::true_type{});
+    } else {
+      tile(std::integral_constant<int, r + 1>{}, std::false_type{});
+    }
+  });
 }
 
 // The cell update of row b, units [j0, j0 + cnt), from its gates' x W_ih^T + h W_hh^T.

@@ -36,7 +36,7 @@ struct Tiling {
 // the forward is bit-identical however its steps are chunked (checkpointing, inference chunks).
 template <class T, int R, bool kTransposedA>
 void tile(int64_t depth, const T* A, int64_t lda, const T* panel, T* C, int64_t ldc, int64_t cols_valid,
-                       bool accumulate) {
+          bool accumulate) {
   using Tl = Tiling<T>;
   using V = typename Tl::V;
   constexpr int NV = Tl::kVecs, L = V::size();

@@ -104,22 +104,6 @@ C10_NOINLINE void forward_tile(const ChunkRecurrenceArgs<T, T>& a, const T* pane
   });
 }
 
-// Rows [row0, row0 + rows) with rows <= kRows, through the tile of exactly that many rows.
-template <class T>
-void forward_rows(const ChunkRecurrenceArgs<T, T>& a, const T* panel, int64_t ub, int64_t row0, int64_t rows,
-                  int64_t t, int64_t slot, const T* r_prev, const T* c_prev) {
-  constexpr int L = Blocking<T>::L;
-  const bool full = (ub + 1) * L <= a.H;
-  static_for<Blocking<T>::kRows>([&](auto r) {
-    if (rows != r + 1) return;
-    if (full) {
-      forward_tile<T, r + 1, true>(a, panel, ub, row0, t, slot, r_prev, c_prev);
-    } else {
-      forward_tile<T, r + 1, false>(a, panel, ub, row0, t, slot, r_prev, c_prev);
-    }
-  });
-}
-
 // One input-projection tile: gate rows [row0, row0 + R) (row slot * B + b) x unit block ub =
 // x W_ih^T, from the layer input's rows tlo * B + row0 + m. Each gate's sum is
 // 0 + x[0] w[0] + x[1] w[1] + ... in k order, as the packed GEMM computes it, so the gates are
@@ -140,21 +124,6 @@ C10_NOINLINE void projection_tile(const ChunkRecurrenceArgs<T, T>& a, const T* p
     static_for<R>([&](auto m) {
       static_for<NG>([&](auto q) { acc[m][q].store(g0 + m * 4 * H + (q0 + q) * H, cnt); });
     });
-  });
-}
-
-// Projection rows [row0, row0 + rows) with rows <= kRows, through the tile of exactly that many rows.
-template <class T>
-void projection_rows(const ChunkRecurrenceArgs<T, T>& a, const T* panel, int64_t ub, int64_t row0, int64_t rows) {
-  constexpr int L = Blocking<T>::L;
-  const bool full = (ub + 1) * L <= a.H;
-  static_for<Blocking<T>::kRows>([&](auto r) {
-    if (rows != r + 1) return;
-    if (full) {
-      projection_tile<T, r + 1, true>(a, panel, ub, row0);
-    } else {
-      projection_tile<T, r + 1, false>(a, panel, ub, row0);
-    }
   });
 }
 
@@ -281,17 +250,25 @@ template <class T>
 void fused_forward(const ChunkRecurrenceArgs<T, T>& a, const T* p, const T* p_ih) {
   TORCH_CHECK((a.x == nullptr) == (p_ih == nullptr), "fastlstm: internal error: input and W_ih panels go together");
   constexpr int L = Blocking<T>::L;
+  constexpr int kRows = Blocking<T>::kRows;
   const auto tile_rows = [&](int64_t ub, int64_t row0, int64_t rows, int64_t t, int64_t slot, const T* r_prev,
-                             const T* c_prev) { forward_rows(a, p + ub * a.H * 4 * L, ub, row0, rows, t, slot, r_prev, c_prev); };
+                             const T* c_prev) {
+    with_tile_shape<L, kRows>(a.H, ub, rows, [&](auto r, auto full) {
+      forward_tile<T, decltype(r)::value, decltype(full)::value>(a, p + ub * a.H * 4 * L, ub, row0, t, slot, r_prev,
+                                                                  c_prev);
+    });
+  };
   const auto project = [&](int64_t ub, int64_t row0, int64_t rows) {
-    projection_rows(a, p_ih + ub * a.I * 4 * L, ub, row0, rows);
+    with_tile_shape<L, kRows>(a.H, ub, rows, [&](auto r, auto full) {
+      projection_tile<T, decltype(r)::value, decltype(full)::value>(a, p_ih + ub * a.I * 4 * L, ub, row0);
+    });
   };
   // AVX2 with a short reduction: the two passes' fixed costs outweigh the taller tile (T=4000,
   // B=4, H=64: 15 ms a forward with 4-row tiles, 13 with 2-row ones).
   if (!Blocking<T>::kWide && a.H < 128) {
     fused_forward_steps<L, 2>(a, stateless(tile_rows), project);
   } else {
-    fused_forward_steps<L, Blocking<T>::kRows>(a, stateless(tile_rows), project);
+    fused_forward_steps<L, kRows>(a, stateless(tile_rows), project);
   }
 }
 

@@ -153,13 +153,12 @@ at::Tensor pack_forward(const BF* w, int64_t H) { return pack_gate_panels<2>(w, 
 // pair by pair (an odd depth ends with a half pair), as gemm_tile orders them.
 template <int R>
 C10_ALWAYS_INLINE void accumulate_pairs(__m512 (&acc)[R][4], const BF* const (&rows)[R], const BF* panel, int64_t depth) {
-  // Every level always inlined: GCC otherwise called the row loop once per pair.
   auto step = [&](const BF* w, auto half, int64_t k) C10_ALWAYS_INLINE_ATTRIBUTE {
     __m512bh wq[4];
-    static_for<4>([&](auto q) C10_ALWAYS_INLINE_ATTRIBUTE { wq[q] = load_pairs(w + q * 2 * L); });
-    static_for<R>([&](auto m) C10_ALWAYS_INLINE_ATTRIBUTE {
+    static_for<4>([&](auto q) { wq[q] = load_pairs(w + q * 2 * L); });
+    static_for<R>([&](auto m) {
       const __m512bh s = broadcast_pair<decltype(half)::value>(rows[m] + k);
-      static_for<4>([&](auto q) C10_ALWAYS_INLINE_ATTRIBUTE { acc[m][q] = _mm512_dpbf16_ps(acc[m][q], s, wq[q]); });
+      static_for<4>([&](auto q) { acc[m][q] = _mm512_dpbf16_ps(acc[m][q], s, wq[q]); });
     });
   };
   const int64_t pairs = depth / 2;
@@ -218,29 +217,17 @@ at::Tensor pack_projection(const BF* w, int64_t H, int64_t I) {
 void fused_forward(const ChunkRecurrenceArgs<BF, float>& a, const BF* p, const BF* p_ih) {
   TORCH_CHECK((a.x == nullptr) == (p_ih == nullptr), "fastlstm: internal error: input and W_ih panels go together");
   const int64_t panel_size = padded_pairs(a.H) * 8 * L, projection_panel = padded_pairs(a.I) * 8 * L;
-  // Tile of `rows` rows (<= kRows) of unit block ub: full blocks without masks.
-  const auto tiles = [&](int64_t ub, int64_t rows, const auto& call) {
-    const bool full = (ub + 1) * L <= a.H;
-    static_for<kRows>([&](auto r) {
-      if (rows != r + 1) return;
-      if (full) {
-        call(std::integral_constant<int, r + 1>{}, std::true_type{});
-      } else {
-        call(std::integral_constant<int, r + 1>{}, std::false_type{});
-      }
-    });
-  };
   fused_forward_steps<L, kRows>(
       a,
       stateless([&](int64_t ub, int64_t row0, int64_t rows, int64_t t, int64_t slot, const BF* r_prev,
                     const float* c_prev) {
-        tiles(ub, rows, [&](auto r, auto full) {
+        with_tile_shape<L, kRows>(a.H, ub, rows, [&](auto r, auto full) {
           forward_tile<decltype(r)::value, decltype(full)::value>(a, p + ub * panel_size, ub, row0, t, slot, r_prev,
                                                                    c_prev);
         });
       }),
       [&](int64_t ub, int64_t row0, int64_t rows) {
-        tiles(ub, rows, [&](auto r, auto full) {
+        with_tile_shape<L, kRows>(a.H, ub, rows, [&](auto r, auto full) {
           projection_tile<decltype(r)::value, decltype(full)::value>(a, p_ih + ub * projection_panel, ub, row0);
         });
       });
